@@ -1,0 +1,30 @@
+# stockcast: make install | train | package | serve | stop | test
+PYTHON  ?= python3.11
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+# The CPU build of torch; a bare "torch" (or a range admitting a newer release) pulls GBs of CUDA.
+TORCH   ?= torch==2.13.0
+EXPERIMENT ?= petr4
+
+.PHONY: install train test test-fast lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet "$(TORCH)" -e ".[dev]"
+	touch $@
+
+train: install
+	$(BIN)/python train.py experiment=$(EXPERIMENT)
+
+test: install
+	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .

@@ -1,0 +1,151 @@
+"""Sliding windows of log returns, a chronological split and a train-fitted scaler, as a DataModule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.preprocessing import StandardScaler
+from torch.utils.data import DataLoader, TensorDataset
+
+from stockcast.prices import DataError, load_prices, resolve
+
+FEATURES = ["log_return"]
+
+
+def log_returns(closes: np.ndarray) -> np.ndarray:
+    """[..., N] closes -> [..., N-1] log returns; they do not change when all prices scale by k."""
+    return np.diff(np.log(closes), axis=-1)
+
+
+def to_prices(last_close: np.ndarray, returns: np.ndarray) -> np.ndarray:
+    """[B] last closes and [B, H] predicted log returns -> [B, H] closes."""
+    return last_close[:, None] * np.exp(np.cumsum(returns, axis=1))
+
+
+@dataclass
+class Windows:
+    """One split: model inputs and targets (scaled returns) plus what evaluation needs in prices."""
+
+    inputs: np.ndarray  # [N, T-1, F] scaled log returns of the window's T closes
+    targets: np.ndarray  # [N, H] scaled log returns of the next H closes
+    last_close: np.ndarray  # [N] the window's last close
+    future: np.ndarray  # [N, H] the actual next H closes
+    dates: pd.DatetimeIndex  # [N] date of each window's first target
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def dataset(self) -> TensorDataset:
+        return TensorDataset(torch.from_numpy(self.inputs), torch.from_numpy(self.targets))
+
+
+def split_points(dates: pd.DatetimeIndex, window: int, val: float | str, test: float | str) -> tuple[int, int]:
+    """Row indices where the val and test targets start; each is a date or a fraction of all targets."""
+    n_targets = len(dates) - window
+
+    def from_date(value: str) -> int:
+        return int(dates.searchsorted(pd.Timestamp(value)))
+
+    test_start = from_date(test) if isinstance(test, str) else window + round(n_targets * (1 - test))
+    val_start = from_date(val) if isinstance(val, str) else test_start - round(n_targets * val)
+    return val_start, test_start
+
+
+def make_windows(frame: pd.DataFrame, window: int, horizon: int, val: float | str,
+                 test: float | str, name: str = "data") -> tuple[dict[str, Windows], StandardScaler]:
+    """Split `frame.close` into train/val/test windows by target date and scale with train returns."""
+    closes = frame["close"].to_numpy(dtype=np.float64)
+    val_start, test_start = split_points(frame.index, window, val, test)
+    starts = np.arange(len(closes) - window - horizon + 1)  # window i covers closes[i : i + window]
+    first_target = starts + window
+    last_target = first_target + horizon - 1
+    masks = {
+        # a train window's targets all precede the first val target: nothing of val leaks into train
+        "train": last_target < val_start,
+        "val": (first_target >= val_start) & (last_target < test_start),
+        "test": first_target >= test_start,
+    }
+    counts = {k: int(m.sum()) for k, m in masks.items()}
+    if min(counts.values()) < 1 or counts["train"] < 2:
+        need = window + horizon + 2
+        raise DataError(
+            f"{name}: {len(closes)} rows are too few for window={window}, horizon={horizon} and the "
+            f"val/test split (windows per split: {counts}); need well over {need} rows"
+        )
+    returns = log_returns(closes)  # returns[k] = log(closes[k + 1] / closes[k])
+    # fit on the returns inside the training period only: fitting on all data leaks the future
+    scaler = StandardScaler().fit(returns[: val_start - 1, None])
+    scaled = scaler.transform(returns[:, None])[:, 0].astype(np.float32)
+    idx_in = starts[:, None] + np.arange(window - 1)  # [N, T-1]
+    idx_out = starts[:, None] + window - 1 + np.arange(horizon)  # [N, H]
+    splits = {
+        k: Windows(
+            inputs=scaled[idx_in[m]][..., None],
+            targets=scaled[idx_out[m]],
+            last_close=closes[first_target[m] - 1],
+            future=closes[idx_out[m] + 1],
+            dates=frame.index[first_target[m]],
+        )
+        for k, m in masks.items()
+    }
+    return splits, scaler
+
+
+class StockDataModule(L.LightningDataModule):
+    """Daily closes of one ticker as windows of `window` closes -> the next `horizon` closes."""
+
+    def __init__(
+        self,
+        ticker: str = "PETR4.SA",
+        start: str = "2015-01-01",
+        end: str = "2023-12-31",
+        source: str = "auto",
+        snapshot: str = "data/PETR4.SA.csv",
+        cache_dir: str = "data/cache",
+        window: int = 60,
+        horizon: int = 1,
+        val: float | str = 0.1,
+        test: float | str = 0.2,
+        batch_size: int = 64,
+    ) -> None:
+        super().__init__()
+        if window < 3 or horizon < 1:
+            raise DataError(f"window must be >= 3 and horizon >= 1 (got {window}, {horizon})")
+        self.save_hyperparameters()
+        self.splits: dict[str, Windows] = {}
+        self.scaler: StandardScaler | None = None
+        self.path: Path | None = None
+
+    def prepare_data(self) -> None:
+        hp = self.hparams
+        self.path = resolve(hp.source, hp.ticker, hp.start, hp.end, Path(hp.cache_dir), Path(hp.snapshot))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        if self.path is None:
+            self.prepare_data()
+        hp = self.hparams
+        frame = load_prices(self.path)
+        frame = frame.loc[pd.Timestamp(hp.start) : pd.Timestamp(hp.end)]
+        self.splits, self.scaler = make_windows(
+            frame, hp.window, hp.horizon, hp.val, hp.test, name=str(self.path)
+        )
+
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        # num_workers=0: the data is in memory and worker processes only slow it down here
+        return DataLoader(self.splits[split].dataset(), batch_size=self.hparams.batch_size, shuffle=shuffle)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
