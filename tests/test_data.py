@@ -1,0 +1,81 @@
+"""Windows, the chronological split without leakage, and the train-only scaler."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import ROOT, random_walk
+
+from stockcast.data import StockDataModule, log_returns, make_windows, to_prices
+from stockcast.prices import DataError, load_prices
+
+
+@pytest.mark.parametrize("horizon", [1, 5])
+def test_windows_shapes_and_targets_are_the_next_closes(walk, horizon):
+    splits, scaler = make_windows(walk, window=60, horizon=horizon, val=0.1, test=0.2)
+    closes = walk["close"].to_numpy()
+    for w in splits.values():
+        assert w.inputs.shape == (len(w), 59, 1) and w.targets.shape == (len(w), horizon)
+        assert w.inputs.dtype == np.float32
+    t = splits["test"]
+    i = walk.index.get_loc(t.dates[0])  # first target row of the first test window
+    assert t.last_close[0] == closes[i - 1]
+    np.testing.assert_allclose(t.future[0], closes[i : i + horizon])
+    # scaled targets invert to the actual future closes
+    returns = t.targets.astype(np.float64) * scaler.scale_[0] + scaler.mean_[0]
+    np.testing.assert_allclose(to_prices(t.last_close, returns), t.future, rtol=1e-5)
+
+
+@pytest.mark.parametrize("horizon", [1, 5])
+def test_no_val_or_test_target_falls_inside_a_training_target(walk, horizon):
+    splits, _ = make_windows(walk, window=60, horizon=horizon, val=0.15, test=0.2)
+    step = walk.index.freq or (walk.index[1] - walk.index[0])
+
+    def target_dates(w):
+        return {d + k * step for d in w.dates for k in range(horizon)}
+
+    train, val, test = (target_dates(splits[s]) for s in ("train", "val", "test"))
+    assert max(train) < min(val) and max(val) < min(test)
+    assert not train & val and not train & test and not val & test
+
+
+def test_date_split_starts_where_configured(walk):
+    splits, _ = make_windows(walk, window=60, horizon=1, val="2020-10-01", test="2021-01-04")
+    assert splits["val"].dates[0].strftime("%Y-%m-%d") == "2020-10-01"
+    assert splits["test"].dates[0].strftime("%Y-%m-%d") == "2021-01-04"
+    assert splits["train"].dates[-1] < splits["val"].dates[0]
+
+
+def test_scaler_is_fitted_on_the_training_period_only():
+    # a series that trends up only after the training period: a leak would shift the mean
+    walk = random_walk(400)
+    walk.iloc[300:, 0] = walk["close"].iloc[299] * np.exp(np.arange(1, 101) * 0.05)
+    splits, scaler = make_windows(walk, window=60, horizon=1, val=0.1, test=0.2)
+    train_end = walk.index.get_loc(splits["train"].dates[-1])  # last row a training target uses
+    expected = log_returns(walk["close"].to_numpy()[: train_end + 1])
+    assert scaler.mean_[0] == pytest.approx(expected.mean(), rel=1e-9)
+    assert scaler.scale_[0] == pytest.approx(expected.std(), rel=1e-9)
+    assert scaler.mean_[0] < 0.01 < log_returns(walk["close"].to_numpy()).mean()
+
+
+def test_inputs_do_not_depend_on_the_price_level(walk):
+    base, _ = make_windows(walk, 60, 1, 0.1, 0.2)
+    scaled, _ = make_windows(walk.assign(close=walk["close"] * 100), 60, 1, 0.1, 0.2)
+    np.testing.assert_allclose(base["test"].inputs, scaled["test"].inputs, atol=1e-6)
+
+
+def test_too_few_rows_is_a_clear_error(walk):
+    with pytest.raises(DataError, match=r"tiny.csv: 62 rows are too few for window=60, horizon=1"):
+        make_windows(walk.iloc[:62], 60, 1, 0.1, 0.2, name="tiny.csv")
+
+
+def test_datamodule_reads_the_bundled_snapshot_between_start_and_end():
+    dm = StockDataModule(source="csv", snapshot=str(ROOT / "data" / "PETR4.SA.csv"),
+                         start="2015-01-01", end="2023-12-31")
+    dm.prepare_data()
+    dm.setup()
+    assert dm.splits["test"].dates[-1].strftime("%Y-%m-%d") == "2023-12-28"
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (64, 59, 1) and y.shape == (64, 1)
+    rows = load_prices(ROOT / "data" / "PETR4.SA.csv").loc["2015":"2023"]
+    assert sum(len(w) for w in dm.splits.values()) == len(rows) - 60  # with horizon 1, none lost

@@ -1,0 +1,142 @@
+"""Loading every Yahoo CSV shape and quirk, the yfinance path (faked) and clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import yfinance as yf
+from conftest import ROOT, random_walk, write_flat_csv
+
+from stockcast.prices import DataError, fetch, load_prices, resolve
+
+
+def yfinance_frame(ticker: str, frame: pd.DataFrame) -> pd.DataFrame:
+    """What yf.download(ticker) returns since 0.2.51: (Price, Ticker) MultiIndex columns."""
+    c = frame["close"].to_numpy()
+    data = {("Close", ticker): c, ("High", ticker): c * 1.01, ("Low", ticker): c * 0.99,
+            ("Open", ticker): c, ("Volume", ticker): np.full(len(c), 1000)}
+    out = pd.DataFrame(data, index=frame.index.rename("Date"))
+    out.columns = pd.MultiIndex.from_tuples(out.columns, names=["Price", "Ticker"])
+    return out
+
+
+def test_bundled_yfinance_shape_loads_with_real_values():
+    frame = load_prices(ROOT / "data" / "PETR4.SA.csv")
+    assert frame.index[0] == pd.Timestamp("2015-01-02")
+    assert frame.index[-1] == pd.Timestamp("2024-12-30")
+    assert frame["close"].iloc[-1] == pytest.approx(33.523006439208984)
+    assert frame.index.is_monotonic_increasing and frame.index.is_unique
+    # the 10 Volume-0 holiday rows that repeat the previous close are gone, trading days stay
+    assert len(frame) == 2477
+
+
+@pytest.mark.parametrize("name", ["VALE3.SA.csv", "ITUB4.SA.csv"])
+def test_bundled_flat_shape_loads(name):
+    frame = load_prices(ROOT / "data" / name)
+    assert frame.index[0] == pd.Timestamp("2010-01-04") and len(frame) > 3600
+    assert np.isfinite(frame["close"]).all() and (frame["close"] > 0).all()
+
+
+def test_classic_export_uses_adj_close_and_drops_holiday_rows(tmp_path):
+    path = tmp_path / "BBDC4.SA.csv"
+    path.write_text(
+        "Date,Open,High,Low,Close,Adj Close,Volume\n"
+        "2018-02-09,10,10,10,10.0,5.0,100\n"
+        "2018-02-12,null,null,null,null,null,null\n"  # exchange holiday exported as nulls
+        "2018-02-14,10,10,10,10.5,5.25,0\n"  # Volume 0 but a new close: kept (index-like rows)
+        "2018-02-15,10,10,10,10.5,5.25,0\n"  # Volume 0 repeating the close: a holiday, dropped
+        "2018-02-16,10,10,10,11.0,5.5,300\n"
+    )
+    frame = load_prices(path)
+    assert frame["close"].tolist() == [5.0, 5.25, 5.5]
+    assert list(frame.index.strftime("%m-%d")) == ["02-09", "02-14", "02-16"]
+
+
+def test_unsorted_and_duplicated_dates_are_sorted_and_deduplicated(tmp_path):
+    path = tmp_path / "x.csv"
+    path.write_text("Date,Close,Volume\n2020-01-03,3,1\n2020-01-01,1,1\n2020-01-02,2,1\n"
+                    "2020-01-03,3.5,1\n")
+    frame = load_prices(path)
+    assert frame["close"].tolist() == [1, 2, 3.5]
+
+
+def test_real_gaps_are_kept_not_filled(tmp_path):
+    walk = random_walk(40)
+    gap = walk.drop(walk.index[10:15])  # like PETR4's 2011-07-28 .. 08-17 hole or Carnival
+    frame = load_prices(write_flat_csv(tmp_path / "g.csv", gap))
+    assert len(frame) == 35 and walk.index[12] not in frame.index
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("Date,Open,Volume\n2020-01-01,1,1\n", "no Close column"),
+        ("Date,Close\n2020-01-01,1\n2020-01-02,abc\n", "line 3: Close is not a number ('abc')"),
+        ("Date,Close\n2020-01-01,1\n2020-01-02,-4\n", "line 3: Close is not a finite positive"),
+        ("Date,Close\n2020-01-01,0\n", "line 2: Close is not a finite positive"),
+        ("Date,Close\n2020-01-01,inf\n", "line 2: Close is not a finite positive"),
+        ("Date,Close\nyesterday,1\n", "line 2: date is not a date ('yesterday')"),
+        ("Date,Close\n2020-01-01,null\n", "no numeric Close values"),
+        ("", "file is empty"),
+    ],
+)
+def test_bad_files_name_the_file_line_and_problem(tmp_path, body, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(body)
+    with pytest.raises(DataError) as err:
+        load_prices(path)
+    assert str(path) in str(err.value) and message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_yfinance_shape_line_numbers_count_its_three_header_rows(tmp_path):
+    path = tmp_path / "y.csv"
+    path.write_text("Price,Close\nTicker,X\nDate,\n2020-01-01,1\n2020-01-02,oops\n")
+    with pytest.raises(DataError, match="line 5: Close is not a number"):
+        load_prices(path)
+
+
+def test_fetch_saves_yfinance_csv_that_loads_back_and_is_reused(tmp_path, monkeypatch):
+    walk = random_walk(100)
+    calls = []
+
+    def fake_download(tickers, **kwargs):
+        calls.append((tickers, kwargs["start"], kwargs["end"]))
+        return yfinance_frame(tickers, walk)
+
+    monkeypatch.setattr(yf, "download", fake_download)
+    path = fetch("PETR4.SA", "2020-01-01", "2021-01-01", tmp_path / "cache")
+    assert path.read_text().splitlines()[:3] == [
+        "Price,Close,High,Low,Open,Volume", "Ticker,PETR4.SA,PETR4.SA,PETR4.SA,PETR4.SA,PETR4.SA",
+        "Date,,,,,"]
+    np.testing.assert_allclose(load_prices(path)["close"], walk["close"], rtol=1e-12)
+    assert fetch("PETR4.SA", "2020-01-01", "2021-01-01", tmp_path / "cache") == path
+    assert calls == [("PETR4.SA", "2020-01-01", "2021-01-01")]  # the second call hit the cache
+
+
+@pytest.mark.parametrize("failure", ["empty", "network"])
+def test_auto_falls_back_to_the_snapshot_in_one_line(tmp_path, monkeypatch, capsys, failure):
+    def fake_download(tickers, **kwargs):
+        if failure == "network":
+            raise ConnectionError("Could not resolve host: query2.finance.yahoo.com")
+        return yfinance_frame(tickers, random_walk(0))  # yfinance's empty answer
+
+    monkeypatch.setattr(yf, "download", fake_download)
+    snapshot = write_flat_csv(tmp_path / "snap.csv", random_walk(50, start="2021-03-01"))
+    path = resolve("auto", "PETR4.SA", "2020-01-01", "2022-01-01", tmp_path / "cache", snapshot)
+    assert path == snapshot
+    out = capsys.readouterr().out.strip()
+    assert len(out.splitlines()) == 1
+    assert str(snapshot) in out and "2021-03-01" in out and "yfinance unavailable" in out
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    with pytest.raises(DataError, match="could not download PETR4.SA"):
+        resolve("yfinance", "PETR4.SA", "2020-01-01", "2022-01-01", tmp_path / "cache", snapshot)
+
+
+def test_csv_source_never_calls_yfinance(tmp_path, monkeypatch):
+    monkeypatch.setattr(yf, "download", lambda *a, **k: pytest.fail("yfinance was called"))
+    snapshot = write_flat_csv(tmp_path / "s.csv", random_walk(10))
+    assert resolve("csv", "X", "2020-01-01", "2021-01-01", tmp_path, snapshot) == snapshot
+    with pytest.raises(DataError, match="data.source must be"):
+        resolve("web", "X", "2020-01-01", "2021-01-01", tmp_path, snapshot)
