@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 EXPERIMENT ?= petr4
 
-.PHONY: install train test test-fast lint clean
+.PHONY: install train test test-fast lint
 
 install: $(VENV)/.installed
 
@@ -28,3 +28,26 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff check .
+
+# ---- serving: artifacts -> model_store/lstm.mar -> TorchServe ----------------------------------
+ART := artifacts/$(EXPERIMENT)
+MAR := model_store/lstm.mar
+
+.PHONY: package serve stop status
+
+$(ART)/meta.json:
+	$(MAKE) train EXPERIMENT=$(EXPERIMENT)
+
+$(MAR): $(ART)/meta.json handlers/forecast_handler.py handlers/model-config.yaml | install
+	$(BIN)/python -m stockcast.package $(ART) model_store
+
+package: install $(MAR)
+
+serve: package
+	$(BIN)/python -m stockcast.serve start
+
+stop:
+	@test -x $(BIN)/python && $(BIN)/python -m stockcast.serve stop || echo "TorchServe is not running"
+
+status:
+	$(BIN)/python -m stockcast.serve status

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["trainer.max_epochs=2", "+trainer.limit_train_batches=4", "~logger"]  # a few seconds
 
 
 def compose_train(tmp_path: Path, *overrides: str) -> DictConfig:
@@ -42,3 +45,40 @@ def write_flat_csv(path: Path, frame: pd.DataFrame) -> Path:
                         "Close": frame.close, "Volume": 1000}, index=frame.index.rename("Date"))
     out.to_csv(path)
     return path
+
+
+def forecast_from_export(folder: Path, history: np.ndarray) -> np.ndarray:
+    """[B, >=window] closes -> [B, horizon] closes using only model.pt, scaler.json, meta.json."""
+    meta = json.loads((folder / "meta.json").read_text())
+    scaler = json.loads((folder / "scaler.json").read_text())
+    model = torch.jit.load(str(folder / "model.pt"))
+    closes = history[:, -meta["window"] :]
+    x = (np.diff(np.log(closes), axis=1) - scaler["mean"][0]) / scaler["scale"][0]
+    with torch.no_grad():
+        y = model(torch.tensor(x[..., None], dtype=torch.float32)).double().numpy()
+    return closes[:, -1:] * np.exp(np.cumsum(y * scaler["scale"][0] + scaler["mean"][0], axis=1))
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory) -> Path:
+    """A quickly trained petr4 export (model.pt, scaler.json, meta.json, ...)."""
+    from stockcast.training import train
+
+    tmp = tmp_path_factory.mktemp("trained")
+    train(compose_train(tmp, "experiment=petr4", *QUICK))
+    return tmp / "artifacts" / "petr4"
+
+
+@pytest.fixture(scope="session")
+def mar(artifacts, tmp_path_factory) -> Path:
+    """model_store/lstm.mar built from `artifacts` the way `make package` builds it."""
+    from stockcast.package import build_archive
+
+    return build_archive(artifacts, tmp_path_factory.mktemp("model_store"), handlers=ROOT / "handlers")
+
+
+def closes(n: int = 60, batch: int | None = None, seed: int = 0) -> np.ndarray:
+    """Realistic closes: a random walk around 30 with 2% daily moves."""
+    shape = (n,) if batch is None else (batch, n)
+    steps = np.random.default_rng(seed).normal(0, 0.02, shape)
+    return 30 * np.exp(np.cumsum(steps, axis=-1))

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, compose_train, random_walk, write_flat_csv
+from conftest import QUICK, ROOT, compose_train, forecast_from_export, random_walk, write_flat_csv
 from hydra.utils import instantiate
 
 from stockcast.export import sha256
@@ -18,19 +18,6 @@ from stockcast.model import LSTMForecaster
 from stockcast.training import train
 
 METRIC_KEYS = {"mae", "rmse", "mape", "directional_accuracy"}
-QUICK = ["trainer.max_epochs=2", "+trainer.limit_train_batches=4", "~logger"]
-
-
-def forecast_from_export(folder: Path, history: np.ndarray) -> np.ndarray:
-    """[B, >=window] closes -> [B, horizon] closes using only model.pt, scaler.json, meta.json."""
-    meta = json.loads((folder / "meta.json").read_text())
-    scaler = json.loads((folder / "scaler.json").read_text())
-    model = torch.jit.load(str(folder / "model.pt"))
-    closes = history[:, -meta["window"] :]
-    x = (np.diff(np.log(closes), axis=1) - scaler["mean"][0]) / scaler["scale"][0]
-    with torch.no_grad():
-        y = model(torch.tensor(x[..., None], dtype=torch.float32)).double().numpy()
-    return closes[:, -1:] * np.exp(np.cumsum(y * scaler["scale"][0] + scaler["mean"][0], axis=1))
 
 
 @pytest.mark.parametrize("experiment", ["petr4", "vale3", "itub4"])

@@ -44,7 +44,8 @@ class Windows:
         return TensorDataset(torch.from_numpy(self.inputs), torch.from_numpy(self.targets))
 
 
-def split_points(dates: pd.DatetimeIndex, window: int, val: float | str, test: float | str) -> tuple[int, int]:
+def split_points(dates: pd.DatetimeIndex, window: int, val: float | str,
+                 test: float | str) -> tuple[int, int]:
     """Row indices where the val and test targets start; each is a date or a fraction of all targets."""
     n_targets = len(dates) - window
 

@@ -1,0 +1,54 @@
+# TorchServe image of the PETR4 LSTM: docker compose up --build   (or: docker build -t stockcast .)
+# Both stages pin Debian 12: the plain 3.11-slim tag follows Debian 13, which has no openjdk-17.
+
+FROM python:3.11-slim-bookworm AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
+RUN python -m venv /opt/venv
+WORKDIR /build
+# torch pinned as TORCH in the Makefile; the CPU index keeps the GBs of CUDA packages out
+RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+COPY pyproject.toml README.md ./
+COPY src/ src/
+# the pin again, so resolving the project's dependencies cannot swap in another torch
+RUN pip install --no-cache-dir torch==2.13.0 .
+
+COPY configs/ configs/
+COPY data/ data/
+COPY handlers/ handlers/
+COPY train.py ./
+# train on the bundled snapshot (a build has no business downloading prices), then archive it
+# with the same torch-model-archiver call `make package` makes
+RUN python train.py experiment=petr4 data.source=csv \
+    && python -m stockcast.package artifacts/petr4 model_store
+
+FROM python:3.11-slim-bookworm
+# TorchServe's frontend is Java. The man1 folder: slim images drop /usr/share/man, and the JRE's
+# postinst has failed on them when it could not link its man pages there.
+RUN mkdir -p /usr/share/man/man1 \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends openjdk-17-jre-headless \
+    && rm -rf /var/lib/apt/lists/*
+# a numeric uid, so a runtime (Kubernetes runAsNonRoot) can tell it is not root without /etc/passwd
+RUN useradd --uid 10001 --user-group --create-home --home-dir /home/model-server \
+    --shell /usr/sbin/nologin model-server
+
+# OMP_NUM_THREADS=1: one torch thread per worker; more oversubscribes the cores (FACTS.md)
+ENV PATH=/opt/venv/bin:$PATH \
+    OMP_NUM_THREADS=1 \
+    PYTHONUNBUFFERED=1
+COPY --from=build /opt/venv /opt/venv
+WORKDIR /home/model-server
+# root-owned and read-only to the server: it can write its logs and key_file.json here, not the model
+COPY --from=build /build/model_store/lstm.mar model-store/
+COPY handlers/config.docker.properties config.properties
+COPY handlers/metrics.yaml metrics.yaml
+
+USER 10001:10001
+EXPOSE 8080 8081 8082
+# /ping needs the inference key, which TorchServe writes to key_file.json in its working directory
+# at each start; urlopen raises (exit 1) on a refused connection or any status but 2xx.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=90s --retries=3 \
+    CMD ["python", "-c", "import json, urllib.request as r; key = json.load(open('/home/model-server/key_file.json'))['inference']['key']; r.urlopen(r.Request('http://127.0.0.1:8080/ping', headers={'Authorization': 'Bearer ' + key}), timeout=4)"]
+CMD ["torchserve", "--foreground", "--ts-config", "/home/model-server/config.properties", \
+     "--model-store", "/home/model-server/model-store", "--models", "lstm=lstm.mar"]

@@ -1,0 +1,55 @@
+"""Archive exported artifacts for TorchServe: python -m stockcast.package artifacts/petr4 model_store"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+MODEL_NAME = "lstm"
+
+
+def archiver() -> str:
+    """torch-model-archiver from this environment, else from PATH."""
+    local = Path(sys.executable).parent / "torch-model-archiver"
+    return str(local) if local.exists() else shutil.which("torch-model-archiver") or "torch-model-archiver"
+
+
+def build_archive(artifacts: Path, export_path: Path, handlers: Path = Path("handlers"),
+                  version: str = "1.0") -> Path:
+    """model.pt + scaler.json + meta.json + the handler and its model-config.yaml -> lstm.mar."""
+    artifacts, handlers = Path(artifacts), Path(handlers)
+    missing = [n for n in ("model.pt", "scaler.json", "meta.json") if not (artifacts / n).exists()]
+    if missing:
+        raise FileNotFoundError(f"{artifacts}: missing {', '.join(missing)}; train first")
+    Path(export_path).mkdir(parents=True, exist_ok=True)
+    subprocess.run([
+        archiver(), "--model-name", MODEL_NAME, "--version", version,
+        "--serialized-file", str(artifacts / "model.pt"),
+        "--handler", str(handlers / "forecast_handler.py"),
+        "--extra-files", f"{artifacts / 'scaler.json'},{artifacts / 'meta.json'}",
+        "--config-file", str(handlers / "model-config.yaml"),
+        "--export-path", str(export_path), "--force",
+    ], check=True)
+    return Path(export_path) / f"{MODEL_NAME}.mar"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("artifacts", type=Path, nargs="?", default=Path("artifacts/petr4"))
+    parser.add_argument("export_path", type=Path, nargs="?", default=Path("model_store"))
+    parser.add_argument("--version", default="1.0")
+    args = parser.parse_args()
+    try:
+        mar = build_archive(args.artifacts, args.export_path, version=args.version)
+    except FileNotFoundError as err:
+        sys.exit(f"error: {err}")
+    with zipfile.ZipFile(mar) as z:
+        print(f"{mar}: {', '.join(sorted(z.namelist()))}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Start, check and stop TorchServe with the lstm archive: python -m stockcast.serve start|stop|status
+
+Each server lives in its own folder (config, logs, pid file, token file), runs in its own process
+group, and is stopped through that group: exactly what was started, nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from stockcast.package import MODEL_NAME
+
+PORTS = (8080, 8081, 8082)  # inference, management, metrics
+
+
+@dataclass
+class Server:
+    home: Path
+    pid: int
+    ports: tuple[int, int, int] = PORTS
+    host: str = "127.0.0.1"
+
+    @property
+    def inference(self) -> str:
+        return f"http://{self.host}:{self.ports[0]}"
+
+    @property
+    def management(self) -> str:
+        return f"http://{self.host}:{self.ports[1]}"
+
+    @property
+    def metrics(self) -> str:
+        return f"http://{self.host}:{self.ports[2]}/metrics"
+
+    def token(self, api: str = "inference") -> str | None:
+        """The current key of `api` (inference | management) if token auth is on, else None."""
+        key_file = self.home / "key_file.json"
+        return json.loads(key_file.read_text())[api]["key"] if key_file.exists() else None
+
+    def headers(self, api: str = "inference") -> dict[str, str]:
+        token = self.token(api)
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def render_config(base: Path, overrides: dict[str, str]) -> str:
+    """`base` config.properties with `overrides` replacing (or adding) keys."""
+    lines, seen = [], set()
+    for line in Path(base).read_text().splitlines():
+        key = line.split("=", 1)[0].strip()
+        if "=" in line and not line.lstrip().startswith("#") and key in overrides:
+            line, _ = f"{key}={overrides[key]}", seen.add(key)
+        lines.append(line)
+    lines += [f"{k}={v}" for k, v in overrides.items() if k not in seen]
+    return "\n".join(lines) + "\n"
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def get(url: str, headers: dict[str, str] | None = None, timeout: float = 2) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode(errors="replace")
+
+
+def ready(server: Server) -> bool:
+    """True once a worker of the model is READY (the /ping answer comes before the model loads)."""
+    try:
+        code, body = get(f"{server.management}/models/{MODEL_NAME}", server.headers("management"))
+    except OSError:
+        return False
+    return code == 200 and any(w.get("status") == "READY" for w in json.loads(body)[0]["workers"])
+
+
+def start(model_store: Path, home: Path, handlers: Path = Path("handlers"), ports=PORTS,
+          token_auth: bool = False, overrides: dict[str, str] | None = None,
+          timeout: float = 120) -> Server:
+    """Start TorchServe in the background with `model_store`/lstm.mar; return once it can predict."""
+    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+        raise RuntimeError("TorchServe needs Java 17: apt-get install openjdk-17-jre-headless "
+                           "(or brew install openjdk@17), then try again")
+    home, handlers = Path(home).resolve(), Path(handlers).resolve()
+    (home / "logs").mkdir(parents=True, exist_ok=True)
+    settings = {
+        "inference_address": f"http://127.0.0.1:{ports[0]}",
+        "management_address": f"http://127.0.0.1:{ports[1]}",
+        "metrics_address": f"http://127.0.0.1:{ports[2]}",
+        "model_store": str(Path(model_store).resolve()),
+        "metrics_config": str(handlers / "metrics.yaml"),
+        "disable_token_authorization": str(not token_auth).lower(),
+        **(overrides or {}),
+    }
+    config = home / "config.properties"
+    config.write_text(render_config(handlers / "config.properties", settings))
+    # TMPDIR (pid file), TEMP (worker sockets) and LOG_LOCATION keep each server to its `home`
+    env = {**os.environ, "TMPDIR": str(home), "TEMP": str(home), "LOG_LOCATION": str(home / "logs"),
+           "METRICS_LOCATION": str(home / "logs"), "OMP_NUM_THREADS": "1"}
+    launcher = Path(sys.executable).parent / "torchserve"
+    with open(home / "logs" / "console.log", "ab") as console:
+        proc = subprocess.Popen(
+            [str(launcher if launcher.exists() else "torchserve"), "--foreground", "--ncs",
+             "--ts-config", str(config), "--model-store", settings["model_store"]],
+            cwd=home, env=env, stdout=console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: stop() ends Java and workers together
+        )
+    (home / "torchserve.pid").write_text(str(proc.pid))
+    server = Server(home, proc.pid, tuple(ports))
+    deadline = time.monotonic() + timeout
+    while not ready(server):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop(server)
+            tail = (home / "logs" / "console.log").read_text(errors="replace").splitlines()[-15:]
+            raise RuntimeError("TorchServe did not become ready:\n" + "\n".join(tail))
+        time.sleep(0.25)
+    return server
+
+
+def stop(server: Server, timeout: float = 30) -> None:
+    """Stop the server's process group (launcher, Java frontend, Python workers) and wait for it."""
+    if not alive(server.pid):
+        return
+    os.killpg(server.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while alive(server.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        try:
+            os.waitpid(server.pid, os.WNOHANG)  # reap it when it is our own child
+        except ChildProcessError:
+            pass
+    if alive(server.pid):
+        os.killpg(server.pid, signal.SIGKILL)
+
+
+def running(home: Path) -> Server | None:
+    """The server recorded in `home`, if its process group is still alive."""
+    pid_file = Path(home) / "torchserve.pid"
+    if not pid_file.exists():
+        return None
+    server = Server(Path(home).resolve(), int(pid_file.read_text()))
+    return server if alive(server.pid) else None
+
+
+def example_curl(server: Server, request_file: str = "examples/petr4_request.json") -> str:
+    token = server.token()
+    auth = f" -H 'Authorization: Bearer {token}'" if token else ""
+    return (f"curl -X POST {server.inference}/predictions/{MODEL_NAME} "
+            f"-H 'Content-Type: application/json'{auth} -d @{request_file}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["start", "stop", "status"])
+    parser.add_argument("--home", type=Path, default=Path("logs/serve"))
+    parser.add_argument("--model-store", type=Path, default=Path("model_store"))
+    args = parser.parse_args()
+    server = running(args.home)
+    if args.command == "stop":
+        if server:
+            stop(server)
+            print(f"stopped TorchServe (pid {server.pid})")
+        else:
+            print("TorchServe is not running")
+        return
+    if args.command == "status" or server:
+        if server:
+            print(f"TorchServe is already serving (pid {server.pid}), ready: {ready(server)}")
+            print(example_curl(server))
+        else:
+            print("TorchServe is not running")
+        return
+    try:
+        server = start(args.model_store, args.home)
+    except RuntimeError as err:
+        sys.exit(f"error: {err}")
+    print(f"TorchServe is serving {MODEL_NAME} (pid {server.pid}, logs in {server.home}/logs)")
+    print(f"metrics: curl {server.metrics}")
+    print(f"forecast: {example_curl(server)}")
+
+
+if __name__ == "__main__":
+    main()

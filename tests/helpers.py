@@ -1,0 +1,39 @@
+"""Helpers for tests that read the monitoring files: which metrics the Grafana dashboard queries."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DASHBOARD = ROOT / "monitoring" / "grafana" / "dashboards" / "stockcast.json"
+
+# words PromQL reserves that look like identifiers but select no series
+_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool",
+             "and", "or", "unless", "offset", "inf", "nan"}
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"' r"|'(?:[^'\\]|\\.)*'")
+_MATCHERS = re.compile(r"\{[^}]*\}")  # {model_name="lstm"}: label names, not metrics
+_RANGES = re.compile(r"\[[^\]]*\]")  # [1m], [5m:30s]
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+# a whole identifier (not a piece of one, nor the exponent in 1e3) that is not a function call
+_IDENTIFIER = re.compile(r"(?<![\w:.])[A-Za-z_:][\w:]*(?![\w:]|\s*\()")
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """Metric names one PromQL expression selects; names given as {__name__="..."} are not seen."""
+    for pattern in (_STRINGS, _MATCHERS, _RANGES, _GROUPING):
+        expr = pattern.sub(" ", expr)
+    return {name for name in _IDENTIFIER.findall(expr) if name.lower() not in _KEYWORDS}
+
+
+def dashboard_exprs(path: Path = DASHBOARD) -> list[str]:
+    """Every target's expr in a dashboard, including panels nested in rows."""
+    dashboard = json.loads(path.read_text())
+    panels = [p for top in dashboard["panels"] for p in (top, *top.get("panels", []))]
+    return [target.get("expr", "") for panel in panels for target in panel.get("targets", [])]
+
+
+def dashboard_metric_names(path: Path = DASHBOARD) -> set[str]:
+    """All metric names the dashboard queries: each must appear in a live scrape of :8082."""
+    return set().union(*(promql_metric_names(expr) for expr in dashboard_exprs(path)))

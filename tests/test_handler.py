@@ -1,0 +1,193 @@
+"""The TorchServe handler, loaded from a real .mar by TorchServe's own loader, with no server."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+from conftest import ROOT, closes, forecast_from_export
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+from ts.model_loader import TsModelLoader
+from ts.service import Service
+
+GOOD = {"history": closes().tolist()}
+
+
+def load_service(model_dir):
+    """What a TorchServe worker does with an unpacked archive."""
+    sys.path.insert(0, str(model_dir))  # the worker imports the handler from the model dir
+    try:
+        metrics = MetricsCacheYamlImpl(config_file_path=str(ROOT / "handlers" / "metrics.yaml"))
+        metrics.initialize_cache()
+        manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
+        return TsModelLoader().load("lstm", str(model_dir), manifest["model"]["handler"],
+                                           None, 8, metrics_cache=metrics)
+    finally:
+        sys.path.remove(str(model_dir))
+        sys.modules.pop("forecast_handler", None)
+
+
+@pytest.fixture(scope="module")
+def model_dir(mar, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("unpacked")
+    zipfile.ZipFile(mar).extractall(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def service(model_dir):
+    return load_service(model_dir)
+
+
+def predict(service, *bodies, content_type="application/json"):
+    """Send one batch through the handler as TorchServe would: [(status, response), ...]."""
+    batch = [{"requestId": f"r{i}".encode(), "parameters": [
+        {"name": "body", "contentType": content_type, "value": body}]} for i, body in enumerate(bodies)]
+    headers, inputs, ids = Service.retrieve_data_for_inference(batch)
+    ctx = service.context
+    ctx.request_ids, ctx.request_processor, ctx.metrics.request_ids = ids, headers, ids
+    out = service._entry_point(inputs, ctx)
+    assert isinstance(out, list) and len(out) == len(bodies)  # else TorchServe answers 503
+    return [(ctx.get_response_status(i)[0], out[i]) for i in range(len(bodies))]
+
+
+def test_forecast_equals_the_exported_model_driven_directly(service, artifacts):
+    [(status, body)] = predict(service, GOOD)
+    assert status == 200
+    expected = forecast_from_export(artifacts, np.array([GOOD["history"]]))[0]
+    np.testing.assert_allclose(body["forecast"], expected, rtol=1e-5)
+    assert body["prediction"] == body["forecast"][0]
+    assert body["window"] == 60 and body["horizon"] == 1
+    assert body["model"] == {"name": "lstm", "ticker": "PETR4.SA", "version": "1.0"}
+    json.dumps(body, allow_nan=False)  # plain JSON, no numpy types or NaN
+
+
+def test_body_as_dict_string_or_bytes_gives_the_same_forecast(service):
+    text = json.dumps(GOOD)
+    answers = predict(service, GOOD, text, text.encode(), bytearray(text.encode()))
+    assert [s for s, _ in answers] == [200] * 4
+    assert len({json.dumps(b["forecast"]) for _, b in answers}) == 1
+
+
+def test_only_the_last_window_closes_are_used(service):
+    long = closes(200).tolist()
+    [(_, a)], [(_, b)] = predict(service, {"history": long}), predict(service, {"history": long[-60:]})
+    assert a["forecast"] == b["forecast"]
+
+
+@pytest.mark.parametrize("k", [0.01, 3, 100])
+def test_forecast_scales_with_the_history(service, k):
+    [(_, base)], [(_, scaled)] = predict(service, GOOD), predict(
+        service, {"history": [k * x for x in GOOD["history"]]})
+    np.testing.assert_allclose(scaled["forecast"], np.multiply(k, base["forecast"]), rtol=1e-5)
+
+
+def history_with(value, at: int = 17) -> dict:
+    history = closes().tolist()
+    history[at] = value
+    return {"history": history}
+
+
+BAD = {
+    "empty string": ("", "empty_body"),
+    "empty bytes": (b"", "empty_body"),
+    "no body (form-encoded)": (None, "empty_body"),
+    "not JSON": ("{history: [1, 2", "invalid_json"),
+    "not UTF-8": (b"\xff\xfe\x00", "invalid_json"),
+    "deeply nested": ("[" * 100000 + "]" * 100000, "invalid_json"),
+    "a list": ([1, 2, 3], "not_object"),
+    "a number": ("42", "not_object"),
+    "a string": ('"history"', "not_object"),
+    "null": ("null", "empty_body"),
+    "missing history": ({"closes": GOOD["history"]}, "missing_history"),
+    "history a string": ({"history": "1,2,3"}, "not_list"),
+    "history an object": ({"history": {"0": 1}}, "not_list"),
+    "history null": ({"history": None}, "not_list"),
+    "too few": ({"history": GOOD["history"][:59]}, "too_short"),
+    "empty history": ({"history": []}, "too_short"),
+    "too many": ({"history": closes(10001).tolist()}, "too_long"),
+    "a string value": (history_with("30.5"), "not_number"),
+    "a null value": (history_with(None), "not_number"),
+    "a boolean value": (history_with(True), "not_number"),
+    "a nested list": (history_with([30.5]), "not_number"),
+    "an object value": (history_with({"close": 30.5}), "not_number"),
+    "NaN": ('{"history": [' + "30.1, " * 30 + "NaN, " + "30.2, " * 29 + "30.3]}", "not_finite"),
+    "Infinity": ('{"history": [' + "30.1, " * 59 + "-Infinity]}", "not_finite"),
+    "overflow 1e999": ('{"history": [' + "30.1, " * 59 + "1e999]}", "not_finite"),
+    "zero": (history_with(0), "not_positive"),
+    "negative": (history_with(-3.5), "not_positive"),
+}
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_input_is_a_400_naming_the_problem(service, name):
+    body, reason = BAD[name]
+    [(status, answer)] = predict(service, body)
+    assert status == 400, answer
+    assert answer["reason"] == reason and answer["code"] == 400
+    assert len(answer["error"]) > 10
+    [(status, _)] = predict(service, GOOD)  # and the worker goes on serving
+    assert status == 200
+
+
+@pytest.mark.parametrize("value", [sys.float_info.max, 5e-324])
+def test_extreme_but_valid_prices_never_give_a_non_finite_forecast(service, value):
+    [(status, answer)] = predict(service, {"history": [value] * 60})
+    if status == 200:
+        assert np.isfinite(answer["forecast"]).all() and answer["forecast"][0] > 0
+    else:  # the largest float times an upward forecast overflows: refused, not inf
+        assert (status, answer["reason"]) == (400, "forecast_overflow")
+
+
+def test_error_messages_name_the_position_and_the_minimum(service):
+    [(_, a)], [(_, b)] = predict(service, history_with("x", at=5)), predict(service, {"history": [1]})
+    assert a["error"] == "history[5] is not a number but a string"
+    assert b["error"] == '"history" needs at least 60 closes, got 1'
+
+
+def test_a_bad_request_in_a_batch_fails_alone(service):
+    other = {"history": closes(seed=3).tolist()}
+    answers = predict(service, GOOD, {"history": [1, 2]}, other, "nonsense")
+    assert [s for s, _ in answers] == [200, 400, 200, 400]
+    [(_, alone)] = predict(service, other)
+    assert answers[2][1]["forecast"] == alone["forecast"]
+    assert answers[0][1]["forecast"] != alone["forecast"]
+
+
+def test_counters_are_emitted_with_the_rejection_reason(service, caplog):
+    with caplog.at_level(logging.INFO, logger="ts.metrics.caching_metric"):
+        predict(service, GOOD, {"history": [1]}, GOOD, {"history": [1]})
+    lines = [r.getMessage().removeprefix("[METRICS]") for r in caplog.records]
+    served = "ForecastsServed.Count:2|#ModelName:lstm,Level:Model|"
+    rejected = "RequestsRejected.Count:1|#ModelName:lstm,Level:Model,Reason:too_short|"
+    assert sum(m.startswith(served) for m in lines) == 1
+    assert sum(m.startswith(rejected) for m in lines) == 2
+
+
+def test_a_tampered_scaler_is_refused_at_load(model_dir, tmp_path, caplog):
+    import shutil
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(model_dir, tampered)
+    scaler = json.loads((tampered / "scaler.json").read_text())
+    scaler["scale"][0] *= 2
+    (tampered / "scaler.json").write_text(json.dumps(scaler))
+    with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="scaler.json does not match"):
+        load_service(tampered)
+    assert any("refusing to load: scaler.json sha256" in r.getMessage() for r in caplog.records)
+
+
+def test_the_archive_holds_no_pickle(mar):
+    with zipfile.ZipFile(mar) as z:
+        names = sorted(z.namelist())
+        assert names == ["MAR-INF/MANIFEST.json", "forecast_handler.py", "meta.json",
+                         "model-config.yaml", "model.pt", "scaler.json"]
+        # model.pt is TorchScript: a zip of code and tensors; its data.pkl holds only the
+        # module structure, loaded by torch.jit.load's restricted unpickler, never pickle.load
+        for name in names:
+            assert not name.endswith((".pkl", ".pickle", ".joblib"))
+        json.loads(z.read("scaler.json"))
