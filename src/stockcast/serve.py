@@ -21,14 +21,16 @@ from pathlib import Path
 
 from stockcast.package import MODEL_NAME
 
-PORTS = (8080, 8081, 8082)  # inference, management, metrics
+# HTTP inference, management, metrics; then gRPC inference, management (TorchServe always opens
+# both gRPC ports, on loopback: two servers on one machine need their own)
+PORTS = (8080, 8081, 8082, 7070, 7071)
 
 
 @dataclass
 class Server:
     home: Path
     pid: int
-    ports: tuple[int, int, int] = PORTS
+    ports: tuple[int, ...] = PORTS
     host: str = "127.0.0.1"
 
     @property
@@ -45,8 +47,10 @@ class Server:
 
     def token(self, api: str = "inference") -> str | None:
         """The current key of `api` (inference | management) if token auth is on, else None."""
-        key_file = self.home / "key_file.json"
-        return json.loads(key_file.read_text())[api]["key"] if key_file.exists() else None
+        try:
+            return json.loads((self.home / "key_file.json").read_text())[api]["key"]
+        except (OSError, ValueError):  # no token auth, or TorchServe is still writing the file
+            return None
 
     def headers(self, api: str = "inference") -> dict[str, str]:
         token = self.token(api)
@@ -104,6 +108,8 @@ def start(model_store: Path, home: Path, handlers: Path = Path("handlers"), port
         "inference_address": f"http://127.0.0.1:{ports[0]}",
         "management_address": f"http://127.0.0.1:{ports[1]}",
         "metrics_address": f"http://127.0.0.1:{ports[2]}",
+        "grpc_inference_port": str(ports[3]),
+        "grpc_management_port": str(ports[4]),
         "model_store": str(Path(model_store).resolve()),
         "metrics_config": str(handlers / "metrics.yaml"),
         "disable_token_authorization": str(not token_auth).lower(),

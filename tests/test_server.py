@@ -1,0 +1,207 @@
+"""A real TorchServe (Java frontend + Python workers) on free ports, driven over HTTP."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, closes, forecast_from_export
+from helpers import dashboard_metric_names
+
+from stockcast.serve import example_curl, get, start, stop
+
+pytestmark = pytest.mark.slow
+
+ORIGINAL = json.loads((ROOT / "examples" / "petr4_request.json").read_text())
+
+
+def free_ports(n: int = 5) -> tuple[int, ...]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = tuple(s.getsockname()[1] for s in sockets)
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def group_members(pgid: int) -> list[int]:
+    """Pids of every live process in process group `pgid` (launcher, Java, workers)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def post(url: str, body: bytes | str | None, content_type: str | None = "application/json",
+         headers: dict[str, str] | None = None) -> tuple[int, dict | str]:
+    data = body.encode() if isinstance(body, str) else body
+    request = urllib.request.Request(url, data=data, method="POST", headers=headers or {})
+    if content_type:
+        request.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            status, text = response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        status, text = err.code, err.read().decode(errors="replace")
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+def scrape(server) -> str:
+    return get(server.metrics)[1]
+
+
+def counter(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        match = re.match(rf"^{name}\{{(.*)\}} (\S+)$", line)
+        if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+@pytest.fixture(scope="module")
+def server(mar, tmp_path_factory):
+    home = tmp_path_factory.mktemp("torchserve")
+    srv = start(mar.parent, home, handlers=ROOT / "handlers", ports=free_ports())
+    try:
+        yield srv
+    finally:
+        stop(srv)
+
+
+def url(server) -> str:
+    return f"{server.inference}/predictions/lstm"
+
+
+def test_ping(server):
+    status, body = get(f"{server.inference}/ping")
+    assert status == 200 and json.loads(body) == {"status": "Healthy"}
+
+
+def test_the_original_projects_payload_gets_the_offline_forecast(server, artifacts):
+    status, body = post(url(server), json.dumps(ORIGINAL))
+    assert status == 200, body
+    expected = forecast_from_export(artifacts, np.array([ORIGINAL["history"]]))[0]
+    np.testing.assert_allclose(body["forecast"], expected, rtol=1e-5)
+    assert body["prediction"] == body["forecast"][0] and body["window"] == 60
+
+
+@pytest.mark.parametrize("k", [0.01, 3, 100])
+def test_forecast_scales_with_the_history_over_http(server, k):
+    history = closes(seed=5)
+    _, base = post(url(server), json.dumps({"history": history.tolist()}))
+    _, scaled = post(url(server), json.dumps({"history": (k * history).tolist()}))
+    np.testing.assert_allclose(scaled["forecast"], np.multiply(k, base["forecast"]), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "reason"),
+    [
+        ("{not json", "application/json", "invalid_json"),
+        ('{"history": [' + "30.0, " * 59 + "NaN]}", "application/json", "not_finite"),
+        ('{"history": [' + "30.0, " * 59 + "1e999]}", "application/json", "not_finite"),
+        ('{"history": [1, 2, 3]}', "application/json", "too_short"),
+        ('{"history": [' + "30.0, " * 59 + '"x"]}', "application/json", "not_number"),
+        ("[1, 2]", "application/json", "not_object"),
+        (json.dumps(ORIGINAL), None, "empty_body"),  # urllib's default: form-encoded
+        (json.dumps(ORIGINAL), "application/x-www-form-urlencoded", "empty_body"),
+        ("", "application/json", "empty_body"),
+        (b"\xff\xfe\xfd", "application/octet-stream", "invalid_json"),
+    ],
+)
+def test_bad_input_gets_a_json_400_naming_the_problem(server, body, content_type, reason):
+    status, answer = post(url(server), body, content_type)
+    assert status == 400, answer
+    assert answer["reason"] == reason and answer["error"]
+    assert post(url(server), json.dumps(ORIGINAL))[0] == 200
+
+
+def test_an_oversized_body_is_refused_with_413(server):
+    huge = json.dumps({"history": [30.123456789] * 20000})  # ~280 KB > max_request_size 64 KB
+    status, _ = post(url(server), huge)
+    assert status == 413
+    assert post(url(server), json.dumps(ORIGINAL))[0] == 200
+
+
+def test_metrics_count_forecasts_and_rejections(server):
+    before = scrape(server)
+    good, bad = 7, 3
+    for i in range(good):
+        assert post(url(server), json.dumps({"history": closes(seed=i).tolist()}))[0] == 200
+    for _ in range(bad):
+        assert post(url(server), '{"history": [1]}')[0] == 400
+    after = scrape(server)
+
+    def delta(name, **labels):
+        return counter(after, name, **labels) - counter(before, name, **labels)
+
+    assert delta("ForecastsServed", ModelName="lstm") == good
+    assert delta("RequestsRejected", ModelName="lstm", Reason="too_short") == bad
+    assert delta("RequestsRejected", ModelName="lstm") == bad
+    assert delta("ts_inference_requests_total", model_name="lstm") == good + bad
+    # the frontend counts every answer on every port: +1 for the `before` scrape itself
+    assert delta("Requests2XX") == good + 1 and delta("Requests4XX") == bad
+    assert delta("ts_inference_latency_microseconds", model_name="lstm") > 0
+
+
+def test_every_dashboard_metric_exists_in_a_real_scrape(server):
+    post(url(server), json.dumps(ORIGINAL))
+    text = scrape(server)
+    declared = set(re.findall(r"^# TYPE (\S+) ", text, flags=re.M))
+    assert dashboard_metric_names() <= declared, dashboard_metric_names() - declared
+    deadline = time.monotonic() + 90  # system metrics are collected once a minute
+    while counter(text, "MemoryUsed") == 0 and time.monotonic() < deadline:
+        time.sleep(2)
+        text = scrape(server)
+    assert counter(text, "MemoryUsed") > 0 and "CPUUtilization{" in text
+
+
+def test_the_printed_curl_works_as_printed(server):
+    command = example_curl(server)
+    assert "Authorization" not in command  # local config: loopback only, no token
+    proc = subprocess.run(command, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["forecast"]
+
+
+def test_registering_a_model_over_http_is_refused(server):
+    request = urllib.request.Request(f"{server.management}/models?url=lstm.mar", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=10)
+    assert err.value.code in (400, 403, 405)
+
+
+def test_with_token_auth_on_a_request_needs_the_key_and_stop_leaves_nothing(mar, tmp_path):
+    srv = start(mar.parent, tmp_path / "ts", handlers=ROOT / "handlers", ports=free_ports(),
+                token_auth=True)
+    try:
+        assert len(group_members(srv.pid)) >= 4  # launcher, java, two workers
+        status, _ = post(url(srv), json.dumps(ORIGINAL))
+        assert status == 400  # TorchServe answers a missing key with 400, not 401
+        status, _ = post(url(srv), json.dumps(ORIGINAL), headers={"Authorization": "Bearer nope"})
+        assert status == 400
+        status, body = post(url(srv), json.dumps(ORIGINAL), headers=srv.headers())
+        assert status == 200 and body["forecast"]
+        assert "Authorization: Bearer" in example_curl(srv)
+    finally:
+        stop(srv)
+    assert group_members(srv.pid) == []
+    with pytest.raises(OSError):
+        get(f"{srv.inference}/ping", timeout=1)
