@@ -31,17 +31,15 @@ lint: install
 
 # ---- serving: artifacts -> model_store/lstm.mar -> TorchServe ----------------------------------
 ART := artifacts/$(EXPERIMENT)
-MAR := model_store/lstm.mar
 
 .PHONY: package serve stop status
 
 $(ART)/meta.json:
 	$(MAKE) train EXPERIMENT=$(EXPERIMENT)
 
-$(MAR): $(ART)/meta.json handlers/forecast_handler.py handlers/model-config.yaml | install
+# stockcast.package rebuilds lstm.mar only when its content differs from artifacts + handler
+package: install $(ART)/meta.json
 	$(BIN)/python -m stockcast.package $(ART) model_store
-
-package: install $(MAR)
 
 serve: package
 	$(BIN)/python -m stockcast.serve start

@@ -18,13 +18,33 @@ def archiver() -> str:
     return str(local) if local.exists() else shutil.which("torch-model-archiver") or "torch-model-archiver"
 
 
+def inputs(artifacts: Path, handlers: Path) -> dict[str, Path]:
+    """Archive entry name -> the file it is made from."""
+    return {"model.pt": artifacts / "model.pt", "scaler.json": artifacts / "scaler.json",
+            "meta.json": artifacts / "meta.json", "forecast_handler.py": handlers / "forecast_handler.py",
+            "model-config.yaml": handlers / "model-config.yaml"}
+
+
+def up_to_date(mar: Path, sources: dict[str, Path]) -> bool:
+    """True if `mar` holds exactly these files: compared by content, so switching experiments counts."""
+    try:
+        with zipfile.ZipFile(mar) as z:
+            return all(z.read(name) == path.read_bytes() for name, path in sources.items())
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return False
+
+
 def build_archive(artifacts: Path, export_path: Path, handlers: Path = Path("handlers"),
                   version: str = "1.0") -> Path:
     """model.pt + scaler.json + meta.json + the handler and its model-config.yaml -> lstm.mar."""
     artifacts, handlers = Path(artifacts), Path(handlers)
-    missing = [n for n in ("model.pt", "scaler.json", "meta.json") if not (artifacts / n).exists()]
+    sources = inputs(artifacts, handlers)
+    missing = [str(p) for p in sources.values() if not p.exists()]
     if missing:
-        raise FileNotFoundError(f"{artifacts}: missing {', '.join(missing)}; train first")
+        raise FileNotFoundError(f"missing {', '.join(missing)}; train first (make train)")
+    mar = Path(export_path) / f"{MODEL_NAME}.mar"
+    if up_to_date(mar, sources):
+        return mar
     Path(export_path).mkdir(parents=True, exist_ok=True)
     subprocess.run([
         archiver(), "--model-name", MODEL_NAME, "--version", version,
@@ -34,7 +54,7 @@ def build_archive(artifacts: Path, export_path: Path, handlers: Path = Path("han
         "--config-file", str(handlers / "model-config.yaml"),
         "--export-path", str(export_path), "--force",
     ], check=True)
-    return Path(export_path) / f"{MODEL_NAME}.mar"
+    return mar
 
 
 def main() -> None:
@@ -43,12 +63,12 @@ def main() -> None:
     parser.add_argument("export_path", type=Path, nargs="?", default=Path("model_store"))
     parser.add_argument("--version", default="1.0")
     args = parser.parse_args()
+    fresh = up_to_date(args.export_path / f"{MODEL_NAME}.mar", inputs(args.artifacts, Path("handlers")))
     try:
         mar = build_archive(args.artifacts, args.export_path, version=args.version)
     except FileNotFoundError as err:
         sys.exit(f"error: {err}")
-    with zipfile.ZipFile(mar) as z:
-        print(f"{mar}: {', '.join(sorted(z.namelist()))}")
+    print(f"{mar}: {'up to date with' if fresh else 'built from'} {args.artifacts}")
 
 
 if __name__ == "__main__":

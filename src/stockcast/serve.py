@@ -177,6 +177,8 @@ def main() -> None:
     parser.add_argument("command", choices=["start", "stop", "status"])
     parser.add_argument("--home", type=Path, default=Path("logs/serve"))
     parser.add_argument("--model-store", type=Path, default=Path("model_store"))
+    parser.add_argument("--token-auth", action="store_true",
+                        help="require TorchServe's keys (written to HOME/key_file.json)")
     args = parser.parse_args()
     server = running(args.home)
     if args.command == "stop":
@@ -194,7 +196,9 @@ def main() -> None:
             print("TorchServe is not running")
         return
     try:
-        server = start(args.model_store, args.home)
+        if not (args.model_store / f"{MODEL_NAME}.mar").exists():
+            raise RuntimeError(f"no {args.model_store}/{MODEL_NAME}.mar: run make package first")
+        server = start(args.model_store, args.home, token_auth=args.token_auth)
     except RuntimeError as err:
         sys.exit(f"error: {err}")
     print(f"TorchServe is serving {MODEL_NAME} (pid {server.pid}, logs in {server.home}/logs)")
