@@ -135,3 +135,15 @@ def test_full_petr4_run_beats_persistence(tmp_path):
     assert test["test_start"] >= "2022-04-01" and test["test_end"] == "2023-12-28"
     assert test["rmse_ratio"] <= 1.0, test
     assert results["val"]["rmse_ratio"] <= 1.0, results["val"]
+
+
+def test_auto_source_tries_yfinance_once_per_run(tmp_path, monkeypatch, capsys):
+    import pandas as pd
+    import yfinance as yf
+
+    calls = []
+    monkeypatch.setattr(yf, "download", lambda *a, **k: calls.append(a) or pd.DataFrame())
+    train(compose_train(tmp_path, "experiment=petr4", "data.source=auto",
+                        f"data.cache_dir={tmp_path / 'cache'}", "+trainer.fast_dev_run=true"))
+    assert len(calls) == 1  # Lightning calls prepare_data again inside fit()
+    assert capsys.readouterr().out.count("yfinance unavailable") == 1

@@ -123,6 +123,8 @@ class StockDataModule(L.LightningDataModule):
         self.path: Path | None = None
 
     def prepare_data(self) -> None:
+        if self.path is not None:  # Lightning calls this again in fit(): download once
+            return
         hp = self.hparams
         self.path = resolve(hp.source, hp.ticker, hp.start, hp.end, Path(hp.cache_dir), Path(hp.snapshot))
 
