@@ -5,6 +5,8 @@ BIN     := $(VENV)/bin
 # The CPU build of torch; a bare "torch" (or a range admitting a newer release) pulls GBs of CUDA.
 TORCH   ?= torch==2.13.0
 EXPERIMENT ?= petr4
+# serving profile: throughput (batches requests) | latency (no batching wait); see README
+PROFILE ?= throughput
 
 .PHONY: install train test test-fast lint
 
@@ -32,14 +34,14 @@ lint: install
 # ---- serving: artifacts -> model_store/lstm.mar -> TorchServe ----------------------------------
 ART := artifacts/$(EXPERIMENT)
 
-.PHONY: package serve stop status
+.PHONY: package serve stop status bench
 
 $(ART)/meta.json:
 	$(MAKE) train EXPERIMENT=$(EXPERIMENT)
 
 # stockcast.package rebuilds lstm.mar only when its content differs from artifacts + handler
 package: install $(ART)/meta.json
-	$(BIN)/python -m stockcast.package $(ART) model_store
+	$(BIN)/python -m stockcast.package $(ART) model_store --profile $(PROFILE)
 
 serve: package
 	$(BIN)/python -m stockcast.serve start
@@ -49,3 +51,5 @@ stop:
 
 status:
 	$(BIN)/python -m stockcast.serve status
+bench: package
+	$(BIN)/python -m stockcast.bench $(BENCH_ARGS)

@@ -32,15 +32,14 @@ class ForecastHandler(BaseHandler):
             self.reason = reason
 
     def initialize(self, context) -> None:
-        # one intra-op thread per worker: with the default (one per core) the workers fight over
-        # the cores and throughput falls ~100x (FACTS.md)
-        torch.set_num_threads(1)
         model_dir = Path(context.system_properties["model_dir"])
+        model_file = context.manifest["model"]["serializedFile"]
         meta = json.loads((model_dir / "meta.json").read_text())
-        for name, expected in meta["sha256"].items():
+        for name in (model_file, meta["scaler_file"]):
             actual = hashlib.sha256((model_dir / name).read_bytes()).hexdigest()
-            if actual != expected:
-                log.error("refusing to load: %s sha256 %s != %s in meta.json", name, actual, expected)
+            if actual != meta["sha256"].get(name):
+                log.error("refusing to load: %s sha256 %s != %s in meta.json", name, actual,
+                          meta["sha256"].get(name))
                 raise RuntimeError(f"{name} does not match the checksum in meta.json")
         scaler = json.loads((model_dir / meta["scaler_file"]).read_text())
         self.mean, self.scale = float(scaler["mean"][0]), float(scaler["scale"][0])
@@ -49,7 +48,26 @@ class ForecastHandler(BaseHandler):
         self.max_history = int(settings.get("max_history", 10000))
         self.info = {"name": context.model_name, "ticker": meta["ticker"],
                      "version": context.manifest["model"].get("modelVersion", "")}
-        super().initialize(context)  # loads model.pt (TorchScript) and puts it in eval mode
+        # one intra-op thread per worker: with one per core, the workers fight over the cores
+        # and throughput falls ~100x (FACTS.md). 0 keeps the library default.
+        # the worker logs a line per request at INFO on the root logger; ts.metrics must stay at
+        # INFO: its lines carry ForecastsServed and RequestsRejected to the frontend
+        logging.getLogger().setLevel(settings.get("log_level", "WARNING"))
+        logging.getLogger("ts.metrics").setLevel(logging.INFO)
+        threads = int(settings.get("threads", 1))
+        if threads:
+            torch.set_num_threads(threads)
+        if model_file.endswith(".onnx"):  # BaseHandler's ONNX session takes every core: not that
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = options.inter_op_num_threads = threads
+            self.session = ort.InferenceSession(str(model_dir / model_file), options,
+                                                providers=["CPUExecutionProvider"])
+            self.context, self.initialized = context, True
+        else:
+            self.session = None
+            super().initialize(context)  # loads the TorchScript model.pt, in eval mode
 
     def parse(self, row: dict) -> np.ndarray:
         """One request -> its last `window` closes as float64 [T], or BadRequest."""
@@ -95,9 +113,13 @@ class ForecastHandler(BaseHandler):
     def forecast(self, closes: np.ndarray) -> np.ndarray:
         """[B, T] closes -> [B, H] forecast closes."""
         x = (np.diff(np.log(closes), axis=1) - self.mean) / self.scale  # [B, T-1]
-        with torch.inference_mode():
-            y = self.model(torch.from_numpy(x[..., None].astype(np.float32)))  # [B, H]
-        returns = y.double().numpy() * self.scale + self.mean
+        x = x[..., None].astype(np.float32)  # [B, T-1, F]
+        if self.session is not None:
+            y = self.session.run(None, {"x": x})[0]  # [B, H]
+        else:
+            with torch.inference_mode():
+                y = self.model(torch.from_numpy(x)).numpy()  # [B, H]
+        returns = y.astype(np.float64) * self.scale + self.mean
         with np.errstate(over="ignore"):  # an overflow becomes inf, which handle() refuses
             return closes[:, -1:] * np.exp(np.cumsum(returns, axis=1))
 

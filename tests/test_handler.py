@@ -182,12 +182,24 @@ def test_a_tampered_scaler_is_refused_at_load(model_dir, tmp_path, caplog):
 
 
 def test_the_archive_holds_no_pickle(mar):
+    import onnx
+
     with zipfile.ZipFile(mar) as z:
         names = sorted(z.namelist())
         assert names == ["MAR-INF/MANIFEST.json", "forecast_handler.py", "meta.json",
-                         "model-config.yaml", "model.pt", "scaler.json"]
-        # model.pt is TorchScript: a zip of code and tensors; its data.pkl holds only the
-        # module structure, loaded by torch.jit.load's restricted unpickler, never pickle.load
-        for name in names:
-            assert not name.endswith((".pkl", ".pickle", ".joblib"))
-        json.loads(z.read("scaler.json"))
+                         "model-config.yaml", "model.onnx", "scaler.json"]
+        onnx.checker.check_model(onnx.load_from_string(z.read("model.onnx")))  # protobuf
+        for name in ("meta.json", "scaler.json", "MAR-INF/MANIFEST.json"):
+            json.loads(z.read(name))
+        assert json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["serializedFile"] == "model.onnx"
+
+
+def test_the_torchscript_archive_gives_the_same_forecast(artifacts, service, tmp_path):
+    from stockcast.package import build_archive
+
+    mar = build_archive(artifacts, tmp_path, handlers=ROOT / "handlers", model_format="torchscript")
+    zipfile.ZipFile(mar).extractall(tmp_path / "unpacked")
+    torchscript = load_service(tmp_path / "unpacked")
+    assert torchscript._entry_point.__self__.session is None
+    [(_, a)], [(_, b)] = predict(torchscript, GOOD), predict(service, GOOD)
+    np.testing.assert_allclose(a["forecast"], b["forecast"], rtol=1e-5)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import time
 import urllib.error
@@ -16,21 +15,11 @@ import pytest
 from conftest import ROOT, closes, forecast_from_export
 from helpers import dashboard_metric_names
 
-from stockcast.serve import example_curl, get, start, stop
+from stockcast.serve import example_curl, free_ports, get, start, stop
 
 pytestmark = pytest.mark.slow
 
 ORIGINAL = json.loads((ROOT / "examples" / "petr4_request.json").read_text())
-
-
-def free_ports(n: int = 5) -> tuple[int, ...]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = tuple(s.getsockname()[1] for s in sockets)
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def group_members(pgid: int) -> list[int]:

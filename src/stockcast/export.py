@@ -1,4 +1,4 @@
-"""Export for serving: TorchScript model, scaler as JSON (no pickle) and meta.json with checksums."""
+"""Export for serving: the model as ONNX and TorchScript, the scaler as JSON (no pickle), meta.json."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import hashlib
 import json
 import platform
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from sklearn.preprocessing import StandardScaler
 
 from stockcast.model import LSTMNet
 
-MODEL_FILE, SCALER_FILE, META_FILE = "model.pt", "scaler.json", "meta.json"
+MODEL_FILE, ONNX_FILE, SCALER_FILE, META_FILE = "model.pt", "model.onnx", "scaler.json", "meta.json"
 
 
 def sha256(path: Path) -> str:
@@ -29,25 +30,37 @@ def scaler_to_dict(scaler: StandardScaler, features: list[str]) -> dict:
 
 def export_model(net: LSTMNet, out_dir: Path, scaler: StandardScaler, features: list[str],
                  meta: dict) -> Path:
-    """Write model.pt, scaler.json and meta.json into `out_dir`; return the meta.json path."""
+    """Write model.pt, model.onnx, scaler.json and meta.json into `out_dir`; return meta.json's path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     net = net.cpu().eval()
-    # scripted and frozen: BaseHandler loads it with torch.jit.load, no Lightning or stockcast needed
+    # scripted and frozen: loads with torch.jit.load, no Lightning or stockcast needed
     scripted = torch.jit.freeze(torch.jit.script(net))
     scripted.save(str(out_dir / MODEL_FILE))
+    export_onnx(net, out_dir / ONNX_FILE, window_returns=int(meta["window"]) - 1)
     (out_dir / SCALER_FILE).write_text(json.dumps(scaler_to_dict(scaler, features), indent=2))
     meta = {
         **meta,
         "features": features,
-        "model_file": MODEL_FILE,
+        "model_files": {"torchscript": MODEL_FILE, "onnx": ONNX_FILE},
         "scaler_file": SCALER_FILE,
-        "sha256": {name: sha256(out_dir / name) for name in (MODEL_FILE, SCALER_FILE)},
+        "sha256": {name: sha256(out_dir / name) for name in (MODEL_FILE, ONNX_FILE, SCALER_FILE)},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "numpy": np.__version__},
     }
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
     return out_dir / META_FILE
+
+
+def export_onnx(net: LSTMNet, path: Path, window_returns: int) -> None:
+    """ONNX with a dynamic batch axis: input "x" [B, T, F] -> output "y" [B, H]."""
+    x = torch.zeros(1, window_returns, net.lstm.input_size)
+    with warnings.catch_warnings():  # the LSTM-with-batch_first export warns, and works
+        warnings.simplefilter("ignore")
+        # dynamo=False: the TorchScript-based exporter keeps the batch axis dynamic as asked
+        torch.onnx.export(net, (x,), str(path), input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, dynamo=False,
+                          opset_version=17)
 
 
 def publish(staging: Path, target: Path) -> None:

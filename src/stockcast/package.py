@@ -6,10 +6,19 @@ import argparse
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
+import yaml
+
 MODEL_NAME = "lstm"
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
+# serving profiles: overrides of handlers/model-config.yaml (measured with make bench, see README)
+PROFILES: dict[str, dict] = {
+    "throughput": {},  # batches of up to 8 with a 1 ms wait: best at concurrency 16 and up
+    "latency": {"batchSize": 1},  # no batching wait: best for one client at a time
+}
 
 
 def archiver() -> str:
@@ -18,42 +27,64 @@ def archiver() -> str:
     return str(local) if local.exists() else shutil.which("torch-model-archiver") or "torch-model-archiver"
 
 
-def inputs(artifacts: Path, handlers: Path) -> dict[str, Path]:
-    """Archive entry name -> the file it is made from."""
-    return {"model.pt": artifacts / "model.pt", "scaler.json": artifacts / "scaler.json",
-            "meta.json": artifacts / "meta.json", "forecast_handler.py": handlers / "forecast_handler.py",
-            "model-config.yaml": handlers / "model-config.yaml"}
+def model_config(handlers: Path, overrides: dict) -> bytes:
+    """handlers/model-config.yaml with `overrides` (None removes a key, dicts merge one level)."""
+    text = (handlers / "model-config.yaml").read_bytes()
+    if not overrides:
+        return text  # as written, comments included
+    config = yaml.safe_load(text)
+    for key, value in overrides.items():
+        if value is None:
+            config.pop(key, None)
+        elif isinstance(value, dict):
+            config[key] = {**config.get(key, {}), **value}
+        else:
+            config[key] = value
+    return yaml.safe_dump(config, sort_keys=False).encode()
 
 
-def up_to_date(mar: Path, sources: dict[str, Path]) -> bool:
-    """True if `mar` holds exactly these files: compared by content, so switching experiments counts."""
+def contents(artifacts: Path, handlers: Path, model_format: str, overrides: dict) -> dict[str, bytes]:
+    """Archive entry name -> its bytes."""
+    files = {FORMATS[model_format]: artifacts / FORMATS[model_format],
+             "scaler.json": artifacts / "scaler.json", "meta.json": artifacts / "meta.json",
+             "forecast_handler.py": handlers / "forecast_handler.py"}
+    missing = [str(p) for p in files.values() if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"missing {', '.join(missing)}; train first (make train)")
+    return {**{name: path.read_bytes() for name, path in files.items()},
+            "model-config.yaml": model_config(handlers, overrides)}
+
+
+def up_to_date(mar: Path, entries: dict[str, bytes]) -> bool:
+    """True if `mar` holds exactly these entries: by content, so switching experiments counts."""
     try:
         with zipfile.ZipFile(mar) as z:
-            return all(z.read(name) == path.read_bytes() for name, path in sources.items())
+            return all(z.read(name) == data for name, data in entries.items())
     except (OSError, KeyError, zipfile.BadZipFile):
         return False
 
 
 def build_archive(artifacts: Path, export_path: Path, handlers: Path = Path("handlers"),
-                  version: str = "1.0") -> Path:
-    """model.pt + scaler.json + meta.json + the handler and its model-config.yaml -> lstm.mar."""
-    artifacts, handlers = Path(artifacts), Path(handlers)
-    sources = inputs(artifacts, handlers)
-    missing = [str(p) for p in sources.values() if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"missing {', '.join(missing)}; train first (make train)")
+                  version: str = "1.0", model_format: str = "onnx",
+                  overrides: dict | None = None) -> Path:
+    """The model (ONNX by default: fastest here), scaler.json, meta.json, the handler and its
+    model-config.yaml -> export_path/lstm.mar, rebuilt only when an entry would change."""
+    entries = contents(Path(artifacts), Path(handlers), model_format, overrides or {})
     mar = Path(export_path) / f"{MODEL_NAME}.mar"
-    if up_to_date(mar, sources):
+    if up_to_date(mar, entries):
         return mar
-    Path(export_path).mkdir(parents=True, exist_ok=True)
-    subprocess.run([
-        archiver(), "--model-name", MODEL_NAME, "--version", version,
-        "--serialized-file", str(artifacts / "model.pt"),
-        "--handler", str(handlers / "forecast_handler.py"),
-        "--extra-files", f"{artifacts / 'scaler.json'},{artifacts / 'meta.json'}",
-        "--config-file", str(handlers / "model-config.yaml"),
-        "--export-path", str(export_path), "--force",
-    ], check=True)
+    mar.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in entries.items():  # the archiver takes files: stage exactly the entries
+            (Path(tmp) / name).write_bytes(data)
+        extra = ",".join(str(Path(tmp) / n) for n in ("scaler.json", "meta.json"))
+        subprocess.run([
+            archiver(), "--model-name", MODEL_NAME, "--version", version,
+            "--serialized-file", str(Path(tmp) / FORMATS[model_format]),
+            "--handler", str(Path(tmp) / "forecast_handler.py"), "--extra-files", extra,
+            "--config-file", str(Path(tmp) / "model-config.yaml"),
+            "--export-path", str(mar.parent), "--force",
+        ], check=True)
     return mar
 
 
@@ -62,13 +93,19 @@ def main() -> None:
     parser.add_argument("artifacts", type=Path, nargs="?", default=Path("artifacts/petr4"))
     parser.add_argument("export_path", type=Path, nargs="?", default=Path("model_store"))
     parser.add_argument("--version", default="1.0")
+    parser.add_argument("--format", choices=list(FORMATS), default="onnx")
+    parser.add_argument("--profile", choices=list(PROFILES), default="throughput")
     args = parser.parse_args()
-    fresh = up_to_date(args.export_path / f"{MODEL_NAME}.mar", inputs(args.artifacts, Path("handlers")))
+    mar = args.export_path / f"{MODEL_NAME}.mar"
     try:
-        mar = build_archive(args.artifacts, args.export_path, version=args.version)
+        overrides = PROFILES[args.profile]
+        fresh = up_to_date(mar, contents(args.artifacts, Path("handlers"), args.format, overrides))
+        build_archive(args.artifacts, args.export_path, version=args.version,
+                      model_format=args.format, overrides=overrides)
     except FileNotFoundError as err:
         sys.exit(f"error: {err}")
-    print(f"{mar}: {'up to date with' if fresh else 'built from'} {args.artifacts}")
+    print(f"{mar}: {'up to date with' if fresh else 'built from'} {args.artifacts} "
+          f"({args.format}, {args.profile} profile)")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -57,6 +58,17 @@ class Server:
         return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+def free_ports(n: int = len(PORTS)) -> tuple[int, ...]:
+    """`n` TCP ports free on loopback right now, for servers that must not collide."""
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = tuple(s.getsockname()[1] for s in sockets)
+    for s in sockets:
+        s.close()
+    return ports
+
+
 def render_config(base: Path, overrides: dict[str, str]) -> str:
     """`base` config.properties with `overrides` replacing (or adding) keys."""
     lines, seen = [], set()
@@ -97,7 +109,7 @@ def ready(server: Server) -> bool:
 
 def start(model_store: Path, home: Path, handlers: Path = Path("handlers"), ports=PORTS,
           token_auth: bool = False, overrides: dict[str, str] | None = None,
-          timeout: float = 120) -> Server:
+          quiet_logs: bool = True, timeout: float = 120) -> Server:
     """Start TorchServe in the background with `model_store`/lstm.mar; return once it can predict."""
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
         raise RuntimeError("TorchServe needs Java 17: apt-get install openjdk-17-jre-headless "
@@ -121,10 +133,13 @@ def start(model_store: Path, home: Path, handlers: Path = Path("handlers"), port
     env = {**os.environ, "TMPDIR": str(home), "TEMP": str(home), "LOG_LOCATION": str(home / "logs"),
            "METRICS_LOCATION": str(home / "logs"), "OMP_NUM_THREADS": "1"}
     launcher = Path(sys.executable).parent / "torchserve"
+    command = [str(launcher if launcher.exists() else "torchserve"), "--foreground", "--ncs",
+               "--ts-config", str(config), "--model-store", settings["model_store"]]
+    if quiet_logs:  # production log levels; without it, TorchServe's own (~4 KB per request)
+        command += ["--log-config", str(handlers / "log4j2.xml")]
     with open(home / "logs" / "console.log", "ab") as console:
         proc = subprocess.Popen(
-            [str(launcher if launcher.exists() else "torchserve"), "--foreground", "--ncs",
-             "--ts-config", str(config), "--model-store", settings["model_store"]],
+            command,
             cwd=home, env=env, stdout=console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: stop() ends Java and workers together
         )
