@@ -34,7 +34,7 @@ lint: install
 # ---- serving: artifacts -> model_store/lstm.mar -> TorchServe ----------------------------------
 ART := artifacts/$(EXPERIMENT)
 
-.PHONY: package serve stop status bench
+.PHONY: package serve stop status bench soak
 
 $(ART)/meta.json:
 	$(MAKE) train EXPERIMENT=$(EXPERIMENT)
@@ -53,3 +53,5 @@ status:
 	$(BIN)/python -m stockcast.serve status
 bench: package
 	$(BIN)/python -m stockcast.bench $(BENCH_ARGS)
+soak: package
+	$(BIN)/python -m stockcast.soak $(SOAK_ARGS)

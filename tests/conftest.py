@@ -82,3 +82,16 @@ def closes(n: int = 60, batch: int | None = None, seed: int = 0) -> np.ndarray:
     shape = (n,) if batch is None else (batch, n)
     steps = np.random.default_rng(seed).normal(0, 0.02, shape)
     return 30 * np.exp(np.cumsum(steps, axis=-1))
+
+
+@pytest.fixture(scope="module")
+def server(mar, tmp_path_factory):
+    """A real TorchServe (Java frontend, Python workers) on free ports, serving `mar`."""
+    from stockcast.serve import free_ports, start, stop
+
+    home = tmp_path_factory.mktemp("torchserve")
+    srv = start(mar.parent, home, handlers=ROOT / "handlers", ports=free_ports())
+    try:
+        yield srv
+    finally:
+        stop(srv)

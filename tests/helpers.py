@@ -1,12 +1,17 @@
-"""Helpers for tests that read the monitoring files: which metrics the Grafana dashboard queries."""
+"""Test helpers: HTTP against a running server, and which metrics the Grafana dashboard queries."""
 
 from __future__ import annotations
 
 import json
 import re
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+from stockcast.serve import get
+
 ROOT = Path(__file__).resolve().parents[1]
+ORIGINAL = json.loads((ROOT / "examples" / "petr4_request.json").read_text())  # 60 PETR4 closes
 DASHBOARD = ROOT / "monitoring" / "grafana" / "dashboards" / "stockcast.json"
 
 # words PromQL reserves that look like identifiers but select no series
@@ -37,3 +42,38 @@ def dashboard_exprs(path: Path = DASHBOARD) -> list[str]:
 def dashboard_metric_names(path: Path = DASHBOARD) -> set[str]:
     """All metric names the dashboard queries: each must appear in a live scrape of :8082."""
     return set().union(*(promql_metric_names(expr) for expr in dashboard_exprs(path)))
+
+
+def post(url: str, body: bytes | str | None, content_type: str | None = "application/json",
+         headers: dict[str, str] | None = None) -> tuple[int, dict | str]:
+    data = body.encode() if isinstance(body, str) else body
+    request = urllib.request.Request(url, data=data, method="POST", headers=headers or {})
+    if content_type:
+        request.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            status, text = response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        status, text = err.code, err.read().decode(errors="replace")
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+def scrape(server) -> str:
+    return get(server.metrics)[1]
+
+
+def counter(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        match = re.match(rf"^{name}\{{(.*)\}} (\S+)$", line)
+        if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+def url(server) -> str:
+    return f"{server.inference}/predictions/lstm"

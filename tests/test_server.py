@@ -8,77 +8,15 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import ROOT, closes, forecast_from_export
-from helpers import dashboard_metric_names
+from helpers import ORIGINAL, counter, dashboard_metric_names, post, scrape, url
 
-from stockcast.serve import example_curl, free_ports, get, start, stop
+from stockcast.serve import example_curl, free_ports, get, processes, start, stop
 
 pytestmark = pytest.mark.slow
-
-ORIGINAL = json.loads((ROOT / "examples" / "petr4_request.json").read_text())
-
-
-def group_members(pgid: int) -> list[int]:
-    """Pids of every live process in process group `pgid` (launcher, Java, workers)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(stat.parent.name))
-    return members
-
-
-def post(url: str, body: bytes | str | None, content_type: str | None = "application/json",
-         headers: dict[str, str] | None = None) -> tuple[int, dict | str]:
-    data = body.encode() if isinstance(body, str) else body
-    request = urllib.request.Request(url, data=data, method="POST", headers=headers or {})
-    if content_type:
-        request.add_header("Content-Type", content_type)
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            status, text = response.status, response.read().decode()
-    except urllib.error.HTTPError as err:
-        status, text = err.code, err.read().decode(errors="replace")
-    try:
-        return status, json.loads(text)
-    except ValueError:
-        return status, text
-
-
-def scrape(server) -> str:
-    return get(server.metrics)[1]
-
-
-def counter(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of `name` whose labels include `labels`."""
-    total = 0.0
-    for line in text.splitlines():
-        match = re.match(rf"^{name}\{{(.*)\}} (\S+)$", line)
-        if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
-            total += float(match.group(2))
-    return total
-
-
-@pytest.fixture(scope="module")
-def server(mar, tmp_path_factory):
-    home = tmp_path_factory.mktemp("torchserve")
-    srv = start(mar.parent, home, handlers=ROOT / "handlers", ports=free_ports())
-    try:
-        yield srv
-    finally:
-        stop(srv)
-
-
-def url(server) -> str:
-    return f"{server.inference}/predictions/lstm"
-
 
 def test_ping(server):
     status, body = get(f"{server.inference}/ping")
@@ -181,7 +119,7 @@ def test_with_token_auth_on_a_request_needs_the_key_and_stop_leaves_nothing(mar,
     srv = start(mar.parent, tmp_path / "ts", handlers=ROOT / "handlers", ports=free_ports(),
                 token_auth=True)
     try:
-        assert len(group_members(srv.pid)) >= 4  # launcher, java, two workers
+        assert len(list(processes(srv.pid))) >= 4  # launcher, java, two workers
         status, _ = post(url(srv), json.dumps(ORIGINAL))
         assert status == 400  # TorchServe answers a missing key with 400, not 401
         status, _ = post(url(srv), json.dumps(ORIGINAL), headers={"Authorization": "Bearer nope"})
@@ -191,6 +129,6 @@ def test_with_token_auth_on_a_request_needs_the_key_and_stop_leaves_nothing(mar,
         assert "Authorization: Bearer" in example_curl(srv)
     finally:
         stop(srv)
-    assert group_members(srv.pid) == []
+    assert list(processes(srv.pid)) == []
     with pytest.raises(OSError):
         get(f"{srv.inference}/ping", timeout=1)

@@ -81,6 +81,19 @@ def render_config(base: Path, overrides: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def processes(pgid: int) -> dict[int, bytes]:
+    """pid -> command line of every live process in process group `pgid`."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state ppid pgrp
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                found[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
 def alive(pid: int) -> bool:
     try:
         os.killpg(pid, 0)
