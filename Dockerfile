@@ -43,6 +43,8 @@ WORKDIR /home/model-server
 COPY --from=build /build/model_store/lstm.mar model-store/
 COPY handlers/config.docker.properties config.properties
 COPY handlers/metrics.yaml metrics.yaml
+# production log levels: nothing per request but errors (TorchServe's default: ~4 KB per request)
+COPY handlers/log4j2.xml log4j2.xml
 
 USER 10001:10001
 EXPOSE 8080 8081 8082
@@ -51,4 +53,5 @@ EXPOSE 8080 8081 8082
 HEALTHCHECK --interval=30s --timeout=5s --start-period=90s --retries=3 \
     CMD ["python", "-c", "import json, urllib.request as r; key = json.load(open('/home/model-server/key_file.json'))['inference']['key']; r.urlopen(r.Request('http://127.0.0.1:8080/ping', headers={'Authorization': 'Bearer ' + key}), timeout=4)"]
 CMD ["torchserve", "--foreground", "--ts-config", "/home/model-server/config.properties", \
+     "--log-config", "/home/model-server/log4j2.xml", \
      "--model-store", "/home/model-server/model-store", "--models", "lstm=lstm.mar"]
