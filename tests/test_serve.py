@@ -1,0 +1,45 @@
+"""stockcast.serve's command line and config rendering, without starting a server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+from stockcast.serve import render_config
+
+
+def serve(*args: str, cwd=ROOT, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stockcast.serve", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_without_java_it_says_how_to_install_it_in_one_line(tmp_path, mar):
+    env = {k: v for k, v in os.environ.items() if k != "JAVA_HOME"}
+    env["PATH"] = str(tmp_path)  # no java here
+    proc = serve("start", "--home", str(tmp_path / "home"), "--model-store", str(mar.parent), env=env)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("error: TorchServe needs Java 17: apt-get install "
+                                   "openjdk-17-jre-headless (or brew install openjdk@17), then try again")
+
+
+def test_without_an_archive_it_says_to_package_first(tmp_path):
+    proc = serve("start", "--home", str(tmp_path / "home"), "--model-store", str(tmp_path))
+    assert proc.returncode == 1 and "run make package first" in proc.stderr
+
+
+def test_stop_and_status_when_nothing_runs(tmp_path):
+    for command in ("stop", "status"):
+        proc = serve(command, "--home", str(tmp_path))
+        assert proc.returncode == 0 and proc.stdout.strip() == "TorchServe is not running"
+
+
+def test_render_config_replaces_keys_and_keeps_the_rest(tmp_path):
+    text = render_config(ROOT / "handlers" / "config.properties",
+                         {"inference_address": "http://127.0.0.1:1234", "new_key": "x"})
+    lines = text.splitlines()
+    assert "inference_address=http://127.0.0.1:1234" in lines and lines[-1] == "new_key=x"
+    assert "enable_model_api=false" in lines and "metrics_mode=prometheus" in lines
+    assert sum(line.startswith("inference_address=") for line in lines) == 1
