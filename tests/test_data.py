@@ -79,3 +79,10 @@ def test_datamodule_reads_the_bundled_snapshot_between_start_and_end():
     assert x.shape == (64, 59, 1) and y.shape == (64, 1)
     rows = load_prices(ROOT / "data" / "PETR4.SA.csv").loc["2015":"2023"]
     assert sum(len(w) for w in dm.splits.values()) == len(rows) - 60  # with horizon 1, none lost
+
+
+@pytest.mark.parametrize(("val", "test"), [("2021-01-04", "2020-10-01"), (0.1, "2030-01-01"),
+                                           (0.9, 0.2)])
+def test_an_impossible_split_is_a_clear_error(walk, val, test):
+    with pytest.raises(DataError, match="leaves no room for train, val and test in 400 rows"):
+        make_windows(walk, 60, 1, val, test, name="walk.csv")

@@ -61,7 +61,19 @@ def make_windows(frame: pd.DataFrame, window: int, horizon: int, val: float | st
                  test: float | str, name: str = "data") -> tuple[dict[str, Windows], StandardScaler]:
     """Split `frame.close` into train/val/test windows by target date and scale with train returns."""
     closes = frame["close"].to_numpy(dtype=np.float64)
+
+    def too_few(counts: dict | None = None) -> None:
+        per_split = f" (windows per split: {counts})" if counts else ""
+        raise DataError(f"{name}: {len(closes)} rows are too few for window={window}, horizon={horizon} "
+                        f"and the val/test split{per_split}; need well over {window + horizon + 2} rows")
+
+    if len(closes) < window + horizon + 4:  # one window for each split at the very least
+        too_few()
     val_start, test_start = split_points(frame.index, window, val, test)
+    if not window < val_start < test_start < len(closes):
+        span = f"{frame.index[0]:%Y-%m-%d} .. {frame.index[-1]:%Y-%m-%d}"
+        raise DataError(f"{name}: the split val={val}, test={test} leaves no room for train, val and "
+                        f"test in {len(closes)} rows ({span})")
     starts = np.arange(len(closes) - window - horizon + 1)  # window i covers closes[i : i + window]
     first_target = starts + window
     last_target = first_target + horizon - 1
@@ -73,11 +85,7 @@ def make_windows(frame: pd.DataFrame, window: int, horizon: int, val: float | st
     }
     counts = {k: int(m.sum()) for k, m in masks.items()}
     if min(counts.values()) < 1 or counts["train"] < 2:
-        need = window + horizon + 2
-        raise DataError(
-            f"{name}: {len(closes)} rows are too few for window={window}, horizon={horizon} and the "
-            f"val/test split (windows per split: {counts}); need well over {need} rows"
-        )
+        too_few(counts)
     returns = log_returns(closes)  # returns[k] = log(closes[k + 1] / closes[k])
     # fit on the returns inside the training period only: fitting on all data leaks the future
     scaler = StandardScaler().fit(returns[: val_start - 1, None])
