@@ -33,7 +33,7 @@ RUN mkdir -p /usr/share/man/man1 \
 RUN useradd --uid 10001 --user-group --create-home --home-dir /home/model-server \
     --shell /usr/sbin/nologin model-server
 
-# OMP_NUM_THREADS=1: one torch thread per worker; more oversubscribes the cores (FACTS.md)
+# OMP_NUM_THREADS=1: one thread per worker, as the handler sets; more oversubscribes the cores
 ENV PATH=/opt/venv/bin:$PATH \
     OMP_NUM_THREADS=1 \
     PYTHONUNBUFFERED=1
