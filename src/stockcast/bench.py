@@ -25,14 +25,15 @@ from stockcast.serve import free_ports, start, stop
 
 # out-of-the-box TorchServe as overrides of model-config.yaml: one worker per core, no batching,
 # the libraries' default threads, TorchServe's logs; then one step; then ours (latency adds quiet
-# logs, throughput adds batching)
-BASELINES = {
-    "default": ({"batchSize": None, "maxBatchDelay": None, "minWorkers": None, "maxWorkers": None,
-                 "handler": {"threads": 0, "log_level": "INFO"}}, False),
-    "1-thread": ({"batchSize": None, "minWorkers": None, "maxWorkers": None,
-                  "handler": {"log_level": "INFO"}}, False),
+# logs, throughput adds batching). Each run: (model-config overrides, quiet logs, model format).
+OUT_OF_THE_BOX = {"batchSize": None, "maxBatchDelay": None, "minWorkers": None, "maxWorkers": None,
+                  "handler": {"threads": 0, "log_level": "INFO"}}
+RUNS = {
+    "default": (OUT_OF_THE_BOX, False, "onnx"),
+    "default-torchscript": (OUT_OF_THE_BOX, False, "torchscript"),
+    "1-thread": ({**OUT_OF_THE_BOX, "handler": {"log_level": "INFO"}}, False, "onnx"),
+    **{name: (overrides, True, "onnx") for name, overrides in PROFILES.items()},
 }
-RUNS = {**BASELINES, **{name: (overrides, True) for name, overrides in PROFILES.items()}}
 LUA = """wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.body = [[{body}]]
@@ -77,14 +78,18 @@ def to_ms(text: str) -> float:
 
 
 def run_wrk(url: str, script: Path, connections: int, seconds: int) -> dict:
-    """One wrk run: requests/s, latency percentiles (ms), errors and non-2xx answers."""
+    """One wrk run against `url` with `connections` keep-alive connections for `seconds`."""
     out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
                           "-s", str(script), url], capture_output=True, text=True, check=True).stdout
-    pct = dict(re.findall(r"^\s+(50|90|99)%\s+(\S+)$", out, flags=re.M))
+    return {"concurrency": connections, **parse_wrk(out)}
+
+
+def parse_wrk(out: str) -> dict:
+    """wrk --latency output -> requests/s, latency percentiles (ms), errors and non-2xx answers."""
+    pct = dict(re.findall(r"^\s+(50|90|99)%\s+(\S+)\s*$", out, flags=re.M))  # "1.56s " too
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return {
-        "concurrency": connections,
         "requests_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
         "p50_ms": to_ms(pct["50"]), "p90_ms": to_ms(pct["90"]), "p99_ms": to_ms(pct["99"]),
         "errors": sum(int(g) for g in errors.groups()) if errors else 0,
@@ -94,8 +99,9 @@ def run_wrk(url: str, script: Path, connections: int, seconds: int) -> dict:
 
 def bench_profile(name: str, artifacts: Path, handlers: Path, levels: list[int], seconds: int,
                   payload: str, tmp: Path) -> list[dict]:
-    overrides, quiet_logs = RUNS[name]
-    build_archive(artifacts, tmp / f"store-{name}", handlers=handlers, overrides=overrides)
+    overrides, quiet_logs, model_format = RUNS[name]
+    build_archive(artifacts, tmp / f"store-{name}", handlers=handlers, overrides=overrides,
+                  model_format=model_format)
     server = start(tmp / f"store-{name}", tmp / f"server-{name}", handlers=handlers,
                    ports=free_ports(), quiet_logs=quiet_logs)
     try:
@@ -118,7 +124,7 @@ def bench_profile(name: str, artifacts: Path, handlers: Path, levels: list[int],
 
 
 def format_row(r: dict) -> str:
-    return (f"{r['profile']:<14}{r['concurrency']:>4}{r['requests_per_s']:>10.0f}{r['p50_ms']:>9.2f}"
+    return (f"{r['profile']:<20}{r['concurrency']:>4}{r['requests_per_s']:>10.0f}{r['p50_ms']:>9.2f}"
             f"{r['p90_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['errors']:>7}{r['non_2xx']:>8}"
             f"{r['log_bytes_per_request']:>10}")
 
@@ -142,7 +148,7 @@ def main() -> None:
     print("model forward alone, 1 thread (us per forecast)")
     for r in forward:
         print(f"  {r['format']:<12} batch {r['batch']:>3}: {r['us_per_forecast']:>8.1f}")
-    print(f"\n{'profile':<14}{'c':>4}{'req/s':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
+    print(f"\n{'profile':<20}{'c':>4}{'req/s':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
           f"{'errors':>7}{'non2xx':>8}{'log B/req':>10}")
     payload = json.dumps(json.loads(args.request.read_text()))
     rows = []

@@ -121,8 +121,7 @@ def ready(server: Server) -> bool:
 
 
 def start(model_store: Path, home: Path, handlers: Path = Path("handlers"), ports=PORTS,
-          token_auth: bool = False, overrides: dict[str, str] | None = None,
-          quiet_logs: bool = True, timeout: float = 120) -> Server:
+          token_auth: bool = False, quiet_logs: bool = True, timeout: float = 120) -> Server:
     """Start TorchServe in the background with `model_store`/lstm.mar; return once it can predict."""
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
         raise RuntimeError("TorchServe needs Java 17: apt-get install openjdk-17-jre-headless "
@@ -138,13 +137,13 @@ def start(model_store: Path, home: Path, handlers: Path = Path("handlers"), port
         "model_store": str(Path(model_store).resolve()),
         "metrics_config": str(handlers / "metrics.yaml"),
         "disable_token_authorization": str(not token_auth).lower(),
-        **(overrides or {}),
     }
     config = home / "config.properties"
     config.write_text(render_config(handlers / "config.properties", settings))
     # TMPDIR (pid file), TEMP (worker sockets) and LOG_LOCATION keep each server to its `home`
+    # (threads per worker come from model-config.yaml's handler.threads, not from OMP_NUM_THREADS)
     env = {**os.environ, "TMPDIR": str(home), "TEMP": str(home), "LOG_LOCATION": str(home / "logs"),
-           "METRICS_LOCATION": str(home / "logs"), "OMP_NUM_THREADS": "1"}
+           "METRICS_LOCATION": str(home / "logs")}
     launcher = Path(sys.executable).parent / "torchserve"
     command = [str(launcher if launcher.exists() else "torchserve"), "--foreground", "--ncs",
                "--ts-config", str(config), "--model-store", settings["model_store"]]
