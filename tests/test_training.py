@@ -55,6 +55,7 @@ def test_fast_dev_run_writes_every_artifact(tmp_path):
     assert (out / "forecast.png").read_bytes()[:4] == b"\x89PNG"
     meta = json.loads((out / "meta.json").read_text())
     assert meta["window"] == 60 and meta["horizon"] == 1 and meta["features"] == ["log_return"]
+    assert meta["versions"]["torch"].startswith("2.") and meta["versions"]["onnxruntime"]
     assert meta["sha256"] == {n: sha256(out / n) for n in ("model.pt", "model.onnx", "scaler.json")}
     assert (tmp_path / "run" / "artifacts" / "metrics.json").exists()  # the run folder's copy
     assert not [p for p in (tmp_path / "artifacts").iterdir() if p.name.startswith(".")]

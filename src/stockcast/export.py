@@ -7,14 +7,15 @@ import json
 import platform
 import shutil
 import warnings
+from importlib.metadata import version
 from pathlib import Path
 
-import numpy as np
 import torch
 from sklearn.preprocessing import StandardScaler
 
 from stockcast.model import LSTMNet
 
+LIBRARIES = ["torch", "lightning", "numpy", "pandas", "scikit-learn", "onnx", "onnxruntime"]
 MODEL_FILE, ONNX_FILE, SCALER_FILE, META_FILE = "model.pt", "model.onnx", "scaler.json", "meta.json"
 
 
@@ -45,8 +46,8 @@ def export_model(net: LSTMNet, out_dir: Path, scaler: StandardScaler, features: 
         "model_files": {"torchscript": MODEL_FILE, "onnx": ONNX_FILE},
         "scaler_file": SCALER_FILE,
         "sha256": {name: sha256(out_dir / name) for name in (MODEL_FILE, ONNX_FILE, SCALER_FILE)},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "numpy": np.__version__},
+        "versions": {"python": platform.python_version(),
+                     **{lib: version(lib) for lib in LIBRARIES}},
     }
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
     return out_dir / META_FILE
