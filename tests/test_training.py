@@ -148,3 +148,20 @@ def test_auto_source_tries_yfinance_once_per_run(tmp_path, monkeypatch, capsys):
                         f"data.cache_dir={tmp_path / 'cache'}", "+trainer.fast_dev_run=true"))
     assert len(calls) == 1  # Lightning calls prepare_data again inside fit()
     assert capsys.readouterr().out.count("yfinance unavailable") == 1
+
+
+def test_a_run_failing_while_exporting_keeps_the_previous_artifacts(tmp_path, monkeypatch):
+    import stockcast.training
+
+    saved = tmp_path / "artifacts" / "petr4" / "metrics.json"
+    saved.parent.mkdir(parents=True)
+    saved.write_text('{"saved": "earlier run"}')
+
+    def broken_plot(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(stockcast.training, "plot", broken_plot)
+    with pytest.raises(OSError, match="disk full"):
+        train(compose_train(tmp_path, "experiment=petr4", "+trainer.fast_dev_run=true"))
+    assert saved.read_text() == '{"saved": "earlier run"}'
+    assert [p.name for p in (tmp_path / "artifacts").iterdir()] == ["petr4"]  # no half-written copy

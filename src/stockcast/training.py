@@ -47,32 +47,33 @@ def train(cfg: DictConfig) -> dict:
     if best:  # the val-best epoch, not the last one, is what gets evaluated and exported
         forecaster = LSTMForecaster.load_from_checkpoint(best, map_location="cpu")
     splits, scaler, ticker = datamodule.splits, datamodule.scaler, datamodule.hparams.ticker
-    results = {}
-    for split in ("val", "test"):
-        w = splits[split]
-        results[split] = compare(predict(forecaster.net, w, scaler), w.future, w.last_close,
-                                 w.dates, ticker)
+    forecasts = {s: predict(forecaster.net, splits[s], scaler) for s in ("val", "test")}
+    results = {s: compare(f, splits[s].future, splits[s].last_close, splits[s].dates, ticker)
+               for s, f in forecasts.items()}
 
     artifacts = Path(cfg.paths.artifacts_dir)
     artifacts.mkdir(parents=True, exist_ok=True)
     staging = artifacts / f".{cfg.name}.tmp-{os.getpid()}"  # built aside, then swapped in whole
     shutil.rmtree(staging, ignore_errors=True)
     hp = datamodule.hparams
-    frame_dates = {s: [f"{w.dates[0]:%Y-%m-%d}", f"{w.dates[-1]:%Y-%m-%d}"] for s, w in splits.items()}
-    export_model(forecaster.net, staging, scaler, FEATURES, meta={
-        "name": cfg.name, "ticker": ticker, "window": hp.window, "horizon": hp.horizon,
-        "data": {"file": str(datamodule.path), "start": hp.start, "end": hp.end,
-                 "target_dates": frame_dates},
-        "checkpoint": best or None,
-        "metrics": results,
-        "config": OmegaConf.to_container(cfg.model, resolve=True),
-    })
-    (staging / "metrics.json").write_text(json.dumps(results["test"], indent=2))
-    t = splits["test"]
-    plot(staging / "forecast.png", t.dates, t.future, predict(forecaster.net, t, scaler),
-         t.last_close, results["test"])
-    shutil.copytree(staging, output_dir / "artifacts", dirs_exist_ok=True)
-    publish(staging, artifacts / cfg.name)
+    target_dates = {s: [f"{w.dates[0]:%Y-%m-%d}", f"{w.dates[-1]:%Y-%m-%d}"] for s, w in splits.items()}
+    try:
+        export_model(forecaster.net, staging, scaler, FEATURES, meta={
+            "name": cfg.name, "ticker": ticker, "window": hp.window, "horizon": hp.horizon,
+            "data": {"file": str(datamodule.path), "start": hp.start, "end": hp.end,
+                     "target_dates": target_dates},
+            "checkpoint": best or None,
+            "metrics": results,
+            "config": OmegaConf.to_container(cfg.model, resolve=True),
+        })
+        (staging / "metrics.json").write_text(json.dumps(results["test"], indent=2))
+        t = splits["test"]
+        plot(staging / "forecast.png", t.dates, t.future, forecasts["test"], t.last_close,
+             results["test"])
+        shutil.copytree(staging, output_dir / "artifacts", dirs_exist_ok=True)
+        publish(staging, artifacts / cfg.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone after publish; a leftover after a failure
 
     print(table(results["test"]))
     print(f"val rmse_ratio {results['val']['rmse_ratio']:.4f} (the split used for choices)")
