@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import shutil
@@ -156,7 +157,7 @@ def main() -> None:
         for name in profiles:
             rows += bench_profile(name, args.artifacts, args.handlers, args.concurrency,
                                   args.seconds, payload, Path(tmp))
-    result = {"machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+    result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
               "seconds_per_level": args.seconds, "forward": forward, "http": rows}
     by = {(r["profile"], r["concurrency"]): r for r in rows}
     for name in [p for p in PROFILES if p in profiles and "default" in profiles]:
