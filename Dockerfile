@@ -7,11 +7,11 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python -m venv /opt/venv
 WORKDIR /build
 # torch pinned as TORCH in the Makefile; the CPU index keeps the GBs of CUDA packages out
-RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+RUN pip install --no-cache-dir torch==2.13.0+cpu --index-url https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md ./
 COPY src/ src/
 # the pin again, so resolving the project's dependencies cannot swap in another torch
-RUN pip install --no-cache-dir torch==2.13.0 .
+RUN pip install --no-cache-dir torch==2.13.0+cpu .
 
 COPY configs/ configs/
 COPY data/ data/

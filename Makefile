@@ -2,8 +2,10 @@
 PYTHON  ?= python3.11
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-# The CPU build of torch; a bare "torch" (or a range admitting a newer release) pulls GBs of CUDA.
-TORCH   ?= torch==2.13.0
+# The CPU build of torch: a bare "torch" from PyPI (or a range admitting a newer release) pulls
+# GBs of CUDA packages. A CPU wheel already on this machine (pip's find-links) is used first.
+TORCH   ?= torch==2.13.0+cpu
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 EXPERIMENT ?= petr4
 # serving profile: throughput (batches requests) | latency (no batching wait); see README
 PROFILE ?= throughput
@@ -15,7 +17,8 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet --no-deps --no-index "$(TORCH)" 2>/dev/null \
+	  || $(BIN)/pip install --quiet --no-deps "$(TORCH)" --extra-index-url $(TORCH_INDEX)
 	$(BIN)/pip install --quiet "$(TORCH)" -e ".[dev]"
 	touch $@
 

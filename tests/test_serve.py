@@ -31,9 +31,9 @@ def test_without_an_archive_it_says_to_package_first(tmp_path):
 
 
 def test_stop_and_status_when_nothing_runs(tmp_path):
-    for command in ("stop", "status"):
-        proc = serve(command, "--home", str(tmp_path))
-        assert proc.returncode == 0 and proc.stdout.strip() == "TorchServe is not running"
+    stopped, status = serve("stop", "--home", str(tmp_path)), serve("status", "--home", str(tmp_path))
+    assert stopped.returncode == 0 and stopped.stdout.strip() == "TorchServe is not running"
+    assert status.returncode == 1 and status.stderr.strip() == "TorchServe is not running"
 
 
 def test_render_config_replaces_keys_and_keeps_the_rest(tmp_path):
@@ -43,3 +43,20 @@ def test_render_config_replaces_keys_and_keeps_the_rest(tmp_path):
     assert "inference_address=http://127.0.0.1:1234" in lines and lines[-1] == "new_key=x"
     assert "enable_model_api=false" in lines and "metrics_mode=prometheus" in lines
     assert sum(line.startswith("inference_address=") for line in lines) == 1
+
+
+def test_a_busy_port_is_a_one_line_error_before_anything_starts(tmp_path, mar):
+    import socket
+
+    import pytest
+
+    from stockcast.serve import free_ports, start
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"^port {port} on 127.0.0.1 is in use: stop what"):
+            start(mar.parent, tmp_path / "home", handlers=ROOT / "handlers",
+                  ports=(port, *free_ports(4)))
+    assert not (tmp_path / "home").exists()

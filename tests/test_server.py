@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -175,3 +176,33 @@ def test_a_real_prometheus_scrapes_the_server_with_our_config(server, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_the_serve_command_is_idempotent_and_reloads_a_changed_archive(artifacts, tmp_path):
+    from stockcast.package import PROFILES, build_archive
+
+    store, home = tmp_path / "store", tmp_path / "home"
+    build_archive(artifacts, store, handlers=ROOT / "handlers")
+    ports = [str(p) for p in free_ports()]
+
+    def serve(*args):
+        return subprocess.run([sys.executable, "-m", "stockcast.serve", *args, "--home", str(home),
+                               "--model-store", str(store), "--ports", *ports],
+                              cwd=ROOT, capture_output=True, text=True, timeout=180)
+
+    try:
+        first = serve("start")
+        assert first.returncode == 0 and "TorchServe is serving lstm" in first.stdout, first.stderr
+        again = serve("start")
+        assert again.returncode == 0 and "already serving this lstm.mar" in again.stdout
+        build_archive(artifacts, store, handlers=ROOT / "handlers", overrides=PROFILES["latency"])
+        changed = serve("start")
+        assert "lstm.mar changed since TorchServe started: restarting it" in changed.stdout
+        status = serve("status")
+        assert status.returncode == 0 and f"127.0.0.1:{ports[0]}/predictions/lstm" in status.stdout
+        record = json.loads((home / "server.json").read_text())
+        code, body = get(f"http://127.0.0.1:{ports[1]}/models/lstm")
+        assert code == 200 and json.loads(body)[0]["batchSize"] == 1  # the latency archive
+    finally:
+        serve("stop")
+    assert processes(record["pid"]) == {} and serve("status").returncode == 1

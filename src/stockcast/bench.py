@@ -2,8 +2,9 @@
 
 Times the model forward alone for each export format, then starts TorchServe once per profile on
 free ports and drives /predictions/lstm with wrk at each concurrency. Prints a table and writes
-JSON. `default` is TorchServe's out-of-the-box worker, thread, batching and logging settings;
-`latency` and `throughput` are the profiles we ship. `--profiles all` adds the steps in between.
+JSON. `baseline-torchscript` is TorchServe out of the box (TorchScript, the libraries' default
+threads, no batching, TorchServe's logs), `baseline` the same with our ONNX model, `latency` and
+`throughput` the profiles we ship. `--profiles all` adds `1-thread`, a step in between.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from stockcast.serve import free_ports, start, stop
 OUT_OF_THE_BOX = {"batchSize": None, "maxBatchDelay": None, "minWorkers": None, "maxWorkers": None,
                   "handler": {"threads": 0, "log_level": "INFO"}}
 RUNS = {
-    "default": (OUT_OF_THE_BOX, False, "onnx"),
-    "default-torchscript": (OUT_OF_THE_BOX, False, "torchscript"),
+    "baseline-torchscript": (OUT_OF_THE_BOX, False, "torchscript"),  # TorchServe out of the box
+    "baseline": (OUT_OF_THE_BOX, False, "onnx"),
     "1-thread": ({**OUT_OF_THE_BOX, "handler": {"log_level": "INFO"}}, False, "onnx"),
     **{name: (overrides, True, "onnx") for name, overrides in PROFILES.items()},
 }
@@ -131,15 +132,20 @@ def format_row(r: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--artifacts", type=Path, default=Path("artifacts/petr4"))
-    parser.add_argument("--handlers", type=Path, default=Path("handlers"))
-    parser.add_argument("--profiles", default="default,latency,throughput",
+    parser = argparse.ArgumentParser(prog="python -m stockcast.bench", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--artifacts", type=Path, default=Path("artifacts/petr4"),
+                        help="exported model to archive and serve")
+    parser.add_argument("--handlers", type=Path, default=Path("handlers"),
+                        help="handler, model-config.yaml and server configs")
+    parser.add_argument("--profiles", default="baseline-torchscript,baseline,latency,throughput",
                         help=f"comma list of {', '.join(RUNS)}, or all")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--seconds", type=int, default=10)
-    parser.add_argument("--request", type=Path, default=Path("examples/petr4_request.json"))
-    parser.add_argument("--out", type=Path, default=Path("logs/bench.json"))
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64],
+                        help="open connections, one wrk run each")
+    parser.add_argument("--seconds", type=int, default=10, help="length of each wrk run")
+    parser.add_argument("--request", type=Path, default=Path("examples/petr4_request.json"),
+                        help="the JSON body sent")
+    parser.add_argument("--out", type=Path, default=Path("logs/bench.json"), help="report file")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("error: the load generator wrk is missing: apt-get install wrk")
@@ -160,11 +166,12 @@ def main() -> None:
     result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
               "seconds_per_level": args.seconds, "forward": forward, "http": rows}
     by = {(r["profile"], r["concurrency"]): r for r in rows}
-    for name in [p for p in PROFILES if p in profiles and "default" in profiles]:
-        result[f"{name}_over_default"] = {
-            c: round(by[name, c]["requests_per_s"] / by["default", c]["requests_per_s"], 1)
-            for c in args.concurrency}
-        print(f"requests/s, {name} / default: {result[f'{name}_over_default']}")
+    for base in [b for b in ("baseline-torchscript", "baseline") if b in profiles]:
+        for name in [p for p in PROFILES if p in profiles]:
+            result[f"{name}_over_{base}"] = {
+                c: round(by[name, c]["requests_per_s"] / by[base, c]["requests_per_s"], 1)
+                for c in args.concurrency}
+            print(f"requests/s, {name} / {base}: {result[f'{name}_over_{base}']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"written to {args.out}")

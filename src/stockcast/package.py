@@ -78,23 +78,30 @@ def build_archive(artifacts: Path, export_path: Path, handlers: Path = Path("han
         for name, data in entries.items():  # the archiver takes files: stage exactly the entries
             (Path(tmp) / name).write_bytes(data)
         extra = ",".join(str(Path(tmp) / n) for n in ("scaler.json", "meta.json"))
-        subprocess.run([
+        done = subprocess.run([
             archiver(), "--model-name", MODEL_NAME, "--version", version,
             "--serialized-file", str(Path(tmp) / FORMATS[model_format]),
             "--handler", str(Path(tmp) / "forecast_handler.py"), "--extra-files", extra,
             "--config-file", str(Path(tmp) / "model-config.yaml"),
             "--export-path", str(mar.parent), "--force",
-        ], check=True)
+        ], capture_output=True, text=True)  # its "Overwriting ..." warning is expected noise
+        if done.returncode:
+            raise RuntimeError(f"torch-model-archiver failed: {done.stderr or done.stdout}")
     return mar
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("artifacts", type=Path, nargs="?", default=Path("artifacts/petr4"))
-    parser.add_argument("export_path", type=Path, nargs="?", default=Path("model_store"))
-    parser.add_argument("--version", default="1.0")
-    parser.add_argument("--format", choices=list(FORMATS), default="onnx")
-    parser.add_argument("--profile", choices=list(PROFILES), default="throughput")
+    parser = argparse.ArgumentParser(prog="python -m stockcast.package", description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("artifacts", type=Path, nargs="?", default=Path("artifacts/petr4"),
+                        help="a training run's exported folder")
+    parser.add_argument("export_path", type=Path, nargs="?", default=Path("model_store"),
+                        help="where lstm.mar is written")
+    parser.add_argument("--version", default="1.0", help="model version TorchServe reports")
+    parser.add_argument("--format", choices=list(FORMATS), default="onnx",
+                        help="which exported model to serve")
+    parser.add_argument("--profile", choices=list(PROFILES), default="throughput",
+                        help="serving profile: overrides of handlers/model-config.yaml")
     args = parser.parse_args()
     mar = args.export_path / f"{MODEL_NAME}.mar"
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +24,11 @@ def download(ticker: str, start: str, end: str) -> pd.DataFrame:
     import yfinance as yf  # imported here: it is slow to import and only this path needs it
 
     logging.getLogger("yfinance").setLevel(logging.CRITICAL)  # it logs every failure as ERROR
-    return yf.download(
-        ticker, start=start, end=end, auto_adjust=True, progress=False, multi_level_index=True
-    )
+    with warnings.catch_warnings():  # its own deprecation warnings are not the user's to fix
+        warnings.simplefilter("ignore")
+        return yf.download(
+            ticker, start=start, end=end, auto_adjust=True, progress=False, multi_level_index=True
+        )
 
 
 def fetch(ticker: str, start: str, end: str, cache_dir: Path) -> Path:

@@ -7,6 +7,7 @@ group, and is stopped through that group: exactly what was started, nothing else
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -69,6 +70,10 @@ def free_ports(n: int = len(PORTS)) -> tuple[int, ...]:
     return ports
 
 
+def archive_digest(model_store: Path) -> str:
+    return hashlib.sha256((Path(model_store) / f"{MODEL_NAME}.mar").read_bytes()).hexdigest()
+
+
 def render_config(base: Path, overrides: dict[str, str]) -> str:
     """`base` config.properties with `overrides` replacing (or adding) keys."""
     lines, seen = [], set()
@@ -126,8 +131,14 @@ def start(model_store: Path, home: Path, handlers: Path = Path("handlers"), port
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
         raise RuntimeError("TorchServe needs Java 17: apt-get install openjdk-17-jre-headless "
                            "(or brew install openjdk@17), then try again")
+    for port in ports:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                raise RuntimeError(f"port {port} on 127.0.0.1 is in use: stop what listens there "
+                                   "(make stop, if it is an earlier server) and try again")
     home, handlers = Path(home).resolve(), Path(handlers).resolve()
     (home / "logs").mkdir(parents=True, exist_ok=True)
+    (home / "key_file.json").unlink(missing_ok=True)  # a stale key would print a wrong curl
     settings = {
         "inference_address": f"http://127.0.0.1:{ports[0]}",
         "management_address": f"http://127.0.0.1:{ports[1]}",
@@ -155,15 +166,21 @@ def start(model_store: Path, home: Path, handlers: Path = Path("handlers"), port
             cwd=home, env=env, stdout=console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: stop() ends Java and workers together
         )
-    (home / "torchserve.pid").write_text(str(proc.pid))
     server = Server(home, proc.pid, tuple(ports))
+    # what `running` reads back: the process group to stop, the ports, the archive it loads
+    (home / "server.json").write_text(json.dumps({
+        "pid": proc.pid, "ports": list(ports),
+        "archive_sha256": archive_digest(model_store)}))
     deadline = time.monotonic() + timeout
-    while not ready(server):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop(server)
-            tail = (home / "logs" / "console.log").read_text(errors="replace").splitlines()[-15:]
-            raise RuntimeError("TorchServe did not become ready:\n" + "\n".join(tail))
-        time.sleep(0.25)
+    try:
+        while not ready(server):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = (home / "logs" / "console.log").read_text(errors="replace").splitlines()[-15:]
+                raise RuntimeError("TorchServe did not become ready:\n" + "\n".join(tail))
+            time.sleep(0.25)
+    except BaseException:  # never leave a half-started server behind
+        stop(server)
+        raise
     return server
 
 
@@ -181,15 +198,18 @@ def stop(server: Server, timeout: float = 30) -> None:
             pass
     if alive(server.pid):
         os.killpg(server.pid, signal.SIGKILL)
+    # TorchServe deletes its keys only when stopped through its own CLI
+    (server.home / "key_file.json").unlink(missing_ok=True)
 
 
-def running(home: Path) -> Server | None:
-    """The server recorded in `home`, if its process group is still alive."""
-    pid_file = Path(home) / "torchserve.pid"
-    if not pid_file.exists():
-        return None
-    server = Server(Path(home).resolve(), int(pid_file.read_text()))
-    return server if alive(server.pid) else None
+def running(home: Path) -> tuple[Server, str] | tuple[None, None]:
+    """The server recorded in `home` and the sha256 of the archive it loaded, if it is alive."""
+    try:
+        record = json.loads((Path(home) / "server.json").read_text())
+    except (OSError, ValueError):
+        return None, None
+    server = Server(Path(home).resolve(), int(record["pid"]), tuple(record["ports"]))
+    return (server, record["archive_sha256"]) if alive(server.pid) else (None, None)
 
 
 def example_curl(server: Server, request_file: str = "examples/petr4_request.json") -> str:
@@ -200,32 +220,43 @@ def example_curl(server: Server, request_file: str = "examples/petr4_request.jso
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m stockcast.serve",
+                                     description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("command", choices=["start", "stop", "status"])
-    parser.add_argument("--home", type=Path, default=Path("logs/serve"))
-    parser.add_argument("--model-store", type=Path, default=Path("model_store"))
+    parser.add_argument("--home", type=Path, default=Path("logs/serve"),
+                        help="the server's folder: config, logs, pid file, token keys")
+    parser.add_argument("--model-store", type=Path, default=Path("model_store"),
+                        help=f"folder holding {MODEL_NAME}.mar")
     parser.add_argument("--token-auth", action="store_true",
                         help="require TorchServe's keys (written to HOME/key_file.json)")
+    parser.add_argument("--ports", type=int, nargs=5, default=list(PORTS),
+                        metavar=("INFERENCE", "MANAGEMENT", "METRICS", "GRPC", "GRPC_MANAGEMENT"),
+                        help="ports on 127.0.0.1")
     args = parser.parse_args()
-    server = running(args.home)
+    server, loaded = running(args.home)
     if args.command == "stop":
         if server:
             stop(server)
-            print(f"stopped TorchServe (pid {server.pid})")
-        else:
-            print("TorchServe is not running")
+        print(f"stopped TorchServe (pid {server.pid})" if server else "TorchServe is not running")
         return
-    if args.command == "status" or server:
-        if server:
-            print(f"TorchServe is already serving (pid {server.pid}), ready: {ready(server)}")
-            print(example_curl(server))
-        else:
-            print("TorchServe is not running")
+    if args.command == "status":
+        if not server:
+            sys.exit("TorchServe is not running")
+        print(f"TorchServe is serving (pid {server.pid}), ready: {ready(server)}")
+        print(example_curl(server))
         return
     try:
         if not (args.model_store / f"{MODEL_NAME}.mar").exists():
             raise RuntimeError(f"no {args.model_store}/{MODEL_NAME}.mar: run make package first")
-        server = start(args.model_store, args.home, token_auth=args.token_auth)
+        if server and loaded == archive_digest(args.model_store):
+            print(f"TorchServe is already serving this {MODEL_NAME}.mar (pid {server.pid})")
+            print(f"forecast: {example_curl(server)}")
+            return
+        if server:  # a new archive (another profile, experiment or training): load it
+            print(f"{MODEL_NAME}.mar changed since TorchServe started: restarting it")
+            stop(server)
+        server = start(args.model_store, args.home, ports=args.ports, token_auth=args.token_auth)
     except RuntimeError as err:
         sys.exit(f"error: {err}")
     print(f"TorchServe is serving {MODEL_NAME} (pid {server.pid}, logs in {server.home}/logs)")

@@ -113,12 +113,15 @@ def verdict(summaries: list[dict], tolerance: float = 0.10) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=10)
+    parser = argparse.ArgumentParser(prog="python -m stockcast.soak", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=10, help="how long to send")
     parser.add_argument("--rate", type=float, default=300, help="requests per second")
-    parser.add_argument("--artifacts", type=Path, default=Path("artifacts/petr4"))
-    parser.add_argument("--request", type=Path, default=Path("examples/petr4_request.json"))
-    parser.add_argument("--out", type=Path, default=Path("logs/soak.json"))
+    parser.add_argument("--artifacts", type=Path, default=Path("artifacts/petr4"),
+                        help="exported model to archive and serve")
+    parser.add_argument("--request", type=Path, default=Path("examples/petr4_request.json"),
+                        help="the JSON body sent")
+    parser.add_argument("--out", type=Path, default=Path("logs/soak.json"), help="report file")
     args = parser.parse_args()
     body = json.dumps(json.loads(args.request.read_text())).encode()
     with tempfile.TemporaryDirectory(prefix="stockcast-soak-") as tmp:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -18,6 +19,10 @@ from stockcast.data import FEATURES, StockDataModule, Windows, to_prices
 from stockcast.evaluation import compare, plot, table
 from stockcast.export import export_model, publish
 from stockcast.model import LSTMForecaster, LSTMNet
+
+# `import lightning` gives its logger a console handler of its own; Hydra's root handler would
+# print every Lightning line a second time
+logging.getLogger("lightning").propagate = False
 
 
 @torch.no_grad()
