@@ -56,20 +56,32 @@ def table(metrics: dict) -> str:
 
 def plot(path: Path, dates: pd.DatetimeIndex, actual: np.ndarray, forecast: np.ndarray,
          last_close: np.ndarray, metrics: dict) -> None:
-    """Actual vs model vs persistence (first forecast step): whole test period and its last 60 days."""
+    """Actual vs model vs persistence (first forecast step) over the test period and its last 60
+    days, and the moves: what the model predicted against what happened, in % of the last close."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 1, figsize=(11, 7), height_ratios=[3, 2])
-    for ax, sl in ((axes[0], slice(None)), (axes[1], slice(-60, None))):
+    fig, axes = plt.subplots(3, 1, figsize=(11, 9), height_ratios=[3, 2, 2])
+    recent = slice(-60, None)
+    for ax, sl in ((axes[0], slice(None)), (axes[1], recent)):
         ax.plot(dates[sl], actual[sl, 0], color="black", lw=1.4, label="actual close")
         ax.plot(dates[sl], forecast[sl, 0], color="tab:blue", lw=1.1, label="model")
         ax.plot(dates[sl], last_close[sl], color="tab:orange", lw=1.0, ls="--",
                 label="persistence (tomorrow = today)")
         ax.grid(alpha=0.3)
         ax.set_ylabel("price")
+    # the price panels hide the model's contribution: it is the gap to persistence, shown here
+    moved = 100 * (actual[recent, 0] / last_close[recent] - 1)
+    predicted = 100 * (forecast[recent, 0] / last_close[recent] - 1)
+    axes[2].bar(dates[recent], moved, color="lightgray", label="actual move")
+    axes[2].plot(dates[recent], predicted, color="tab:blue", marker=".", lw=1.0,
+                 label="model's predicted move")
+    axes[2].axhline(0, color="tab:orange", ls="--", lw=1.0, label="persistence (no move)")
+    axes[2].set_ylabel("% vs last close")
+    axes[2].grid(alpha=0.3)
+    axes[2].legend(loc="upper left", fontsize=8)
     m, p = metrics["model"], metrics["persistence"]
     axes[0].set_title(
         f"{metrics['ticker']} test split: model RMSE {m['rmse']:.3f} vs persistence {p['rmse']:.3f} "
@@ -77,6 +89,7 @@ def plot(path: Path, dates: pd.DatetimeIndex, actual: np.ndarray, forecast: np.n
     )
     axes[0].legend(loc="upper left")
     axes[1].set_title("last 60 test days", fontsize=10)
+    axes[2].set_title("last 60 test days: daily moves", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
