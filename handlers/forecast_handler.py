@@ -1,8 +1,8 @@
 """TorchServe handler: {"history": [closes]} -> the next `horizon` closes, scaler applied around the model.
 
 It reads window, horizon and the scaler from the archive's meta.json and scaler.json (written by
-stockcast.export) and needs neither Lightning nor stockcast. Bad requests get a JSON 400 of their
-own, even inside a batch; the other requests of the batch still get their forecasts.
+stockcast.export) and needs neither Lightning nor stockcast. Every request of a batch is answered on
+its own: a bad one gets a JSON 400 (an unexpected failure a 500) and the others their forecasts.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,15 +22,24 @@ from ts.torch_handler.base_handler import BaseHandler
 log = logging.getLogger(__name__)
 JSON_TYPES = {str: "a string", bool: "a boolean", type(None): "null", list: "an array",
               dict: "an object"}
+PHRASES = {400: "Bad Request", 404: "Not Found", 500: "Internal Server Error"}
+TYPES = {400: "BadRequest", 404: "NotFound", 500: "InternalServerError"}
+
+
+def to_float(value: int | float) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
 
 
 class ForecastHandler(BaseHandler):
     class BadRequest(ValueError):  # nested: TorchServe wants exactly one class in this module
         """A request this handler refuses; `reason` labels the RequestsRejected metric."""
 
-        def __init__(self, reason: str, message: str) -> None:
+        def __init__(self, reason: str, message: str, code: int = 400) -> None:
             super().__init__(message)
-            self.reason = reason
+            self.reason, self.code = reason, code
 
     def initialize(self, context) -> None:
         model_dir = Path(context.system_properties["model_dir"])
@@ -46,12 +56,20 @@ class ForecastHandler(BaseHandler):
         self.window, self.horizon = int(meta["window"]), int(meta["horizon"])
         settings = (context.model_yaml_config or {}).get("handler", {})
         self.max_history = int(settings.get("max_history", 10000))
+        self.max_daily_move = float(settings.get("max_daily_move", 0.69))
+        self.min_price = float(settings.get("min_price", 0.000001))
+        self.max_price = float(settings.get("max_price", 1000000000.0))
         self.info = {"name": context.model_name, "ticker": meta["ticker"],
                      "version": context.manifest["model"].get("modelVersion", "")}
+        self.failures_logged: set[str] = set()
         # the worker logs a line per request at INFO on the root logger; ts.metrics must stay at
         # INFO: its lines carry ForecastsServed and RequestsRejected to the frontend
         logging.getLogger().setLevel(settings.get("log_level", "WARNING"))
         logging.getLogger("ts.metrics").setLevel(logging.INFO)
+        # the worker's own JSON decoding logs a ~2 KB traceback for every invalid body; with this
+        # (read by TorchServe's protocol code at each request) bodies arrive as bytes and parse()
+        # decodes them, answering 400 without a log line
+        os.environ["TS_DECODE_INPUT_REQUEST"] = "false"
         # one intra-op thread per worker (one worker per core): with a thread per core in every
         # worker they oversubscribe the cores; TorchScript served 12 req/s at concurrency 4 that
         # way on 2 cores. 0 keeps the library default.
@@ -105,11 +123,35 @@ class ForecastHandler(BaseHandler):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 kind = JSON_TYPES.get(type(value), type(value).__name__)
                 raise self.BadRequest("not_number", f"history[{i}] is not a number but {kind}")
-            if not math.isfinite(value):  # Python's JSON parser accepts NaN, Infinity and 1e999
-                raise self.BadRequest("not_finite", f"history[{i}] is not a finite number")
-            if value <= 0:
-                raise self.BadRequest("not_positive", f"history[{i}] must be a positive price, got {value}")
-        return np.asarray(history[-self.window :], dtype=np.float64)
+        return self.check_prices(history)[-self.window :]
+
+    def check_prices(self, history: list[int | float]) -> np.ndarray:
+        """Numbers -> float64 closes, refused unless finite, in the price range and moving plausibly."""
+        try:
+            closes = np.array(history, dtype=np.float64)
+        except OverflowError:  # an integer literal too large for a float (JSON has no limit)
+            closes = np.array([to_float(v) for v in history], dtype=np.float64)
+
+        def first(bad: np.ndarray) -> int | None:
+            return int(np.argmax(bad)) if bad.any() else None
+
+        # Python's JSON parser accepts NaN, Infinity and 1e999
+        if (i := first(~np.isfinite(closes))) is not None:
+            raise self.BadRequest("not_finite", f"history[{i}] is not a finite number")
+        if (i := first(closes <= 0)) is not None:
+            raise self.BadRequest("not_positive", f"history[{i}] must be a positive price, got {history[i]}")
+        if (i := first((closes < self.min_price) | (closes > self.max_price))) is not None:
+            raise self.BadRequest("implausible_price", f"history[{i}] = {history[i]} is outside the "
+                                  f"plausible prices {self.min_price:g} .. {self.max_price:g}")
+        # a bound on moves, not levels, so scaling every close by k changes nothing: a close about
+        # 2x or 0.5x the one before is a data error (an unadjusted split, a typo), not a market
+        moves = np.abs(np.diff(np.log(closes)))
+        if (i := first(moves > self.max_daily_move)) is not None:
+            raise self.BadRequest(
+                "implausible_move", f"history[{i + 1}] = {history[i + 1]} moves {moves[i]:.2f} in log "
+                f"price from history[{i}] = {history[i]}; the limit is {self.max_daily_move} "
+                "(unadjusted split or a typo?)")
+        return closes
 
     def forecast(self, closes: np.ndarray) -> np.ndarray:
         """[B, T] closes -> [B, H] forecast closes."""
@@ -121,41 +163,63 @@ class ForecastHandler(BaseHandler):
             with torch.inference_mode():
                 y = self.model(torch.from_numpy(x)).numpy()  # [B, H]
         returns = y.astype(np.float64) * self.scale + self.mean
-        with np.errstate(over="ignore"):  # an overflow becomes inf, which handle() refuses
+        with np.errstate(over="ignore"):  # an overflow becomes inf, which answer() refuses
             return closes[:, -1:] * np.exp(np.cumsum(returns, axis=1))
 
     def handle(self, data: list[dict], context) -> list[dict]:
-        """One response per request: a forecast, or an error object with a 400 of its own."""
+        """One response per request: a forecast, or an error object with a status of its own."""
         results: list[dict | None] = [None] * len(data)
-        good: list[int] = []
-        rows: list[np.ndarray] = []
+        good: dict[int, np.ndarray] = {}
         for i, row in enumerate(data):
             try:
-                rows.append(self.parse(row))
-                good.append(i)
-            except self.BadRequest as err:
-                results[i] = self.reject(context, i, err)
-        if rows:
-            forecasts = self.forecast(np.stack(rows))  # the whole batch in one forward pass
-            served = 0
-            for i, f in zip(good, forecasts, strict=True):
-                if not np.isfinite(f).all():  # finite prices whose forecast overflows (~1e308)
-                    results[i] = self.reject(context, i, self.BadRequest(
-                        "forecast_overflow", "prices too large: the forecast is not finite"))
-                    continue
-                results[i] = {"prediction": float(f[0]), "forecast": f.tolist(),
-                              "window": self.window, "horizon": self.horizon, "model": self.info}
-                context.set_response_content_type(i, "application/json")
-                served += 1
+                if context.get_request_header(i, "explain") == "True":
+                    raise self.BadRequest("no_explanations", "this model has no explanations: "
+                                          "POST /predictions/<model>", code=404)
+                good[i] = self.parse(row)
+            except Exception as err:  # noqa: BLE001 - each request fails alone, whatever the cause
+                results[i] = self.fail(context, i, err)
+        if good:
+            try:  # the whole batch in one forward pass
+                forecasts = dict(zip(good, self.forecast(np.stack(list(good.values()))), strict=True))
+            except Exception:  # noqa: BLE001 - find the request that breaks it: one by one
+                forecasts = {}
+                for i, closes in good.items():
+                    try:
+                        forecasts[i] = self.forecast(closes[None])[0]
+                    except Exception as err:  # noqa: BLE001
+                        results[i] = self.fail(context, i, err)
+            for i, f in forecasts.items():
+                results[i] = self.answer(context, i, f)
+            served = sum(1 for i in forecasts if "forecast" in results[i])
             if served:
                 self.count(context, "ForecastsServed", served)
         return results
 
-    def reject(self, context, idx: int, err: ForecastHandler.BadRequest) -> dict:
-        context.set_response_status(400, "Bad Request", idx)
+    def answer(self, context, idx: int, forecast: np.ndarray) -> dict:
+        if not np.isfinite(forecast).all():  # finite prices whose forecast overflows
+            return self.fail(context, idx, self.BadRequest(
+                "forecast_overflow", "prices too large: the forecast is not finite"))
         context.set_response_content_type(idx, "application/json")
-        self.count(context, "RequestsRejected", 1, Dimension("Reason", err.reason))
-        return {"error": str(err), "reason": err.reason, "code": 400}
+        return {"prediction": float(forecast[0]), "forecast": forecast.tolist(),
+                "window": self.window, "horizon": self.horizon, "model": self.info}
+
+    def fail(self, context, idx: int, err: Exception) -> dict:
+        """The error object of one request, TorchServe's {code, type, message} plus our reason."""
+        if isinstance(err, self.BadRequest):
+            code, reason, message = err.code, err.reason, str(err)
+            self.count(context, "RequestsRejected", 1, Dimension("Reason", reason))
+        else:  # a bug, not the client's fault: logged once per kind, so no client can flood the log
+            code, reason, message = 500, "internal_error", "internal error while forecasting"
+            kind = type(err).__name__
+            if kind not in self.failures_logged:
+                self.failures_logged.add(kind)
+                log.error("a request failed (each kind of failure is logged once): %s: %s", kind,
+                          str(err)[:300], exc_info=err)
+            self.count(context, "RequestsFailed", 1, Dimension("Reason", type(err).__name__))
+        context.set_response_status(code, PHRASES[code], idx)
+        context.set_response_content_type(idx, "application/json")
+        return {"code": code, "type": TYPES[code], "message": message, "error": message,
+                "reason": reason}
 
     def count(self, context, name: str, value: int, *extra: Dimension) -> None:
         # a fresh list each time: TorchServe appends default dimensions to the list it is given

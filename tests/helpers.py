@@ -44,10 +44,13 @@ def dashboard_metric_names(path: Path = DASHBOARD) -> set[str]:
     return set().union(*(promql_metric_names(expr) for expr in dashboard_exprs(path)))
 
 
-def post(url: str, body: bytes | str | None, content_type: str | None = "application/json",
-         headers: dict[str, str] | None = None) -> tuple[int, dict | str]:
+def post(target, body: bytes | str | None, content_type: str | None = "application/json",
+         headers: dict[str, str] | None = None, method: str = "POST") -> tuple[int, dict | str]:
+    """`body` to a URL, or to a Server's /predictions/lstm with its inference key."""
+    if not isinstance(target, str):
+        target, headers = url(target), {**target.headers(), **(headers or {})}
     data = body.encode() if isinstance(body, str) else body
-    request = urllib.request.Request(url, data=data, method="POST", headers=headers or {})
+    request = urllib.request.Request(target, data=data, method=method, headers=headers or {})
     if content_type:
         request.add_header("Content-Type", content_type)
     try:

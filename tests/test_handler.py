@@ -118,8 +118,15 @@ BAD = {
     "NaN": ('{"history": [' + "30.1, " * 30 + "NaN, " + "30.2, " * 29 + "30.3]}", "not_finite"),
     "Infinity": ('{"history": [' + "30.1, " * 59 + "-Infinity]}", "not_finite"),
     "overflow 1e999": ('{"history": [' + "30.1, " * 59 + "1e999]}", "not_finite"),
+    "an integer too large for a float": (
+        '{"history": [' + "30.1, " * 59 + "1" * 400 + "]}", "not_finite"),
     "zero": (history_with(0), "not_positive"),
     "negative": (history_with(-3.5), "not_positive"),
+    "the largest float": ({"history": [sys.float_info.max] * 60}, "implausible_price"),
+    "the smallest float": ({"history": [5e-324] * 60}, "implausible_price"),
+    "a 3:1 split left unadjusted": (
+        {"history": closes()[:30].tolist() + (closes()[30:] / 3).tolist()}, "implausible_move"),
+    "a typo: 10x": (history_with(300.0, at=30), "implausible_move"),
 }
 
 
@@ -130,17 +137,79 @@ def test_bad_input_is_a_400_naming_the_problem(service, name):
     assert status == 400, answer
     assert answer["reason"] == reason and answer["code"] == 400
     assert len(answer["error"]) > 10
+    # a superset of TorchServe's own error shape {code, type, message}
+    assert answer["type"] == "BadRequest" and answer["message"] == answer["error"]
     [(status, _)] = predict(service, GOOD)  # and the worker goes on serving
     assert status == 200
 
 
-@pytest.mark.parametrize("value", [sys.float_info.max, 5e-324])
-def test_extreme_but_valid_prices_never_give_a_non_finite_forecast(service, value):
-    [(status, answer)] = predict(service, {"history": [value] * 60})
-    if status == 200:
-        assert np.isfinite(answer["forecast"]).all() and answer["forecast"][0] > 0
-    else:  # the largest float times an upward forecast overflows: refused, not inf
-        assert (status, answer["reason"]) == (400, "forecast_overflow")
+def test_implausible_moves_and_prices_name_the_index(service):
+    history = closes(seed=2).tolist()
+    history[41] = history[40] * 2.1
+    [(_, answer)] = predict(service, {"history": history})
+    assert answer["reason"] == "implausible_move" and answer["error"].startswith("history[41] = ")
+    [(_, answer)] = predict(service, history_with(2e9, at=7))
+    assert answer["reason"] == "implausible_price" and answer["error"].startswith("history[7] = ")
+
+
+@pytest.mark.parametrize("k", [0.01, 0.1, 1, 10, 100])
+def test_the_bounds_are_on_moves_so_every_accepted_history_scales(service, k):
+    """The largest accepted move (just under the bound) at any price level k."""
+    history = closes(seed=4).tolist()
+    history[50] = history[49] * 1.99  # log move 0.688 < 0.69
+    history[51] = history[50] * 0.502
+    [(status, base)] = predict(service, {"history": history})
+    [(status_k, scaled)] = predict(service, {"history": [k * x for x in history]})
+    assert status == status_k == 200, (base, scaled)
+    np.testing.assert_allclose(scaled["forecast"], np.multiply(k, base["forecast"]), rtol=1e-5)
+
+
+def test_an_unexpected_failure_is_a_500_for_that_request_alone_and_logged_once(
+        service, monkeypatch, caplog):
+    handler = service._entry_point.__self__
+    real_parse = handler.parse
+    poison = {"history": closes(seed=9).tolist(), "poison": True}
+
+    def parse(row):
+        if row.get("body", {}).get("poison"):
+            raise ZeroDivisionError("a bug")
+        return real_parse(row)
+
+    monkeypatch.setattr(handler, "parse", parse)
+    with caplog.at_level(logging.ERROR):
+        answers = predict(service, GOOD, poison, GOOD, poison)
+    assert [s for s, _ in answers] == [200, 500, 200, 500]
+    assert answers[1][1] == {"code": 500, "type": "InternalServerError", "reason": "internal_error",
+                             "message": "internal error while forecasting",
+                             "error": "internal error while forecasting"}
+    assert answers[0][1]["forecast"] == predict(service, GOOD)[0][1]["forecast"]
+    logged = [r for r in caplog.records if "a request failed" in r.getMessage()]
+    assert len(logged) <= 1 and all(r.exc_info for r in logged)  # once per kind, per worker
+
+
+def test_a_batch_forward_that_fails_is_retried_one_by_one(service, monkeypatch):
+    handler = service._entry_point.__self__
+    real_forecast = handler.forecast
+
+    def forecast(rows):
+        if (rows > 1000).any():
+            raise FloatingPointError("a row the model cannot take")
+        return real_forecast(rows)
+
+    monkeypatch.setattr(handler, "forecast", forecast)
+    big = {"history": [2000.0 + i for i in range(60)]}
+    answers = predict(service, GOOD, big, GOOD)
+    assert [s for s, _ in answers] == [200, 500, 200]
+
+
+def test_explanations_are_not_forecasts(service):
+    batch = [{"requestId": b"r0", "headers": [{"name": b"explain", "value": b"True"}],
+              "parameters": [{"name": "body", "contentType": "application/json", "value": GOOD}]}]
+    headers, inputs, ids = Service.retrieve_data_for_inference(batch)
+    ctx = service.context
+    ctx.request_ids, ctx.request_processor, ctx.metrics.request_ids = ids, headers, ids
+    [answer] = service._entry_point(inputs, ctx)
+    assert (ctx.get_response_status(0)[0], answer["reason"]) == (404, "no_explanations")
 
 
 def test_error_messages_name_the_position_and_the_minimum(service):

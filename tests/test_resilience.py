@@ -7,9 +7,10 @@ import threading
 import time
 import zipfile
 
+import numpy as np
 import pytest
-from conftest import ROOT
-from helpers import ORIGINAL, post, url
+from conftest import ROOT, closes, forecast_from_export
+from helpers import ORIGINAL, post
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -53,7 +54,7 @@ def test_fuzzed_requests_never_get_a_5xx(server):
               phases=[Phase.generate, Phase.shrink], suppress_health_check=list(HealthCheck))
     @given(body=bodies, content_type=content_types)
     def one(body, content_type):
-        status, answer = post(url(server), body, content_type)
+        status, answer = post(server, body, content_type)
         if status == 500 and content_type == FORM:
             # TorchServe's Java frontend parses form bodies itself and answers one it cannot
             # parse ("&", "%zz") with this JSON 500 before any handler runs (README, Errors)
@@ -70,8 +71,8 @@ def test_fuzzed_requests_never_get_a_5xx(server):
     one()
     print(f"\nfuzz: {sum(seen.values())} requests, answers {seen}")
     assert sum(seen.values()) >= 1000 and seen.get("400", 0) > 500
-    assert get(f"{server.inference}/ping")[0] == 200
-    assert post(url(server), json.dumps(ORIGINAL))[0] == 200  # and it still forecasts
+    assert get(f"{server.inference}/ping", server.headers())[0] == 200
+    assert post(server, json.dumps(ORIGINAL))[0] == 200  # and it still forecasts
 
 
 def load(server, seconds: float, results: list[tuple[float, int]]) -> None:
@@ -81,7 +82,7 @@ def load(server, seconds: float, results: list[tuple[float, int]]) -> None:
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             try:
-                status = post(url(server), json.dumps(ORIGINAL))[0]
+                status = post(server, json.dumps(ORIGINAL))[0]
             except OSError:
                 status = 0
             results.append((time.monotonic(), status))
@@ -126,7 +127,7 @@ def test_serving_resumes_within_5_s_of_a_worker_kill_and_only_in_flight_requests
     assert replaced is not None and replaced < 15  # TorchServe restarts it after a 1 s back-off
     assert len(failed) <= 8  # at most the batch the dead worker held (batchSize 8)
     assert all(s == 200 for t, s in results if t < killed_at)
-    assert post(url(server), json.dumps(ORIGINAL))[0] == 200
+    assert post(server, json.dumps(ORIGINAL))[0] == 200
 
 
 def test_a_short_soak_has_no_errors_and_flat_memory(server):
@@ -160,6 +161,67 @@ def test_a_tampered_scaler_in_the_archive_is_refused_with_a_clear_log_line(mar, 
 def test_a_malformed_form_body_gets_the_frontends_json_500(server):
     # known TorchServe 0.12 behaviour, documented in the README: the Java frontend decodes
     # form-encoded bodies itself and fails on "&" before the handler can answer 400
-    status, answer = post(url(server), b"&", FORM)
+    status, answer = post(server, b"&", FORM)
     assert (status, answer["type"]) == (500, "ErrorDataDecoderException")
-    assert post(url(server), json.dumps(ORIGINAL))[0] == 200
+    assert post(server, json.dumps(ORIGINAL))[0] == 200
+
+
+HUGE_INT = '{"history": [' + "30.0, " * 59 + "1" * 400 + "]}"  # a float overflow in Python
+POISONS = [HUGE_INT, '{"history": [' + "30.0, " * 59 + "NaN]}", "{not json", '{"history": [1]}',
+           '{"history": [' + "30.0, " * 30 + "3000.0, " + "30.0, " * 29 + "30.0]}"]
+
+
+def test_poisoned_requests_never_fail_the_good_requests_batched_with_them(server, artifacts):
+    """Poison and good requests at the same moment, so batches (batchSize 8) mix them."""
+    goods = [closes(seed=100 + i) for i in range(70)]
+    expected = forecast_from_export(artifacts, np.stack(goods))[:, 0]
+    answers: dict[int, tuple[int, dict]] = {}
+    bodies = [(i, json.dumps({"history": h.tolist()})) for i, h in enumerate(goods)]
+    bodies += [(-1 - i, POISONS[i % len(POISONS)]) for i in range(70)]
+    bodies.sort(key=lambda item: hash(item[1]) % 97)  # interleaved
+    start_line = threading.Barrier(16)
+
+    def client(part):
+        start_line.wait()
+        for i, body in part:
+            answers[i] = post(server, body)
+
+    threads = [threading.Thread(target=client, args=(bodies[k::16],)) for k in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [i for i in range(70) if answers[i][0] != 200] == []
+    np.testing.assert_allclose([answers[i][1]["prediction"] for i in range(70)], expected, rtol=1e-5)
+    assert {answers[-1 - i][0] for i in range(70)} == {400}
+
+
+HOSTILE = {  # class -> (body, content type, the status it gets)
+    "invalid JSON": (b"{not json", "application/json", 400),
+    "an integer too large for a float": (HUGE_INT.encode(), "application/json", 400),
+    "NaN": (POISONS[1].encode(), "application/json", 400),
+    "an implausible move": (POISONS[4].encode(), "application/json", 400),
+    "broken UTF-8": (b"\xff\xfe\x00", "application/octet-stream", 400),
+    "deep nesting": (b"[" * 3000 + b"]" * 3000, "application/json", 400),
+    "a form body": (b"history=1", FORM, 400),
+    "a form body the frontend cannot decode": (b"&", FORM, 500),
+}
+
+
+def test_hostile_requests_write_nothing_to_the_logs(server):
+    logs = server.home / "logs"
+
+    def logged() -> int:
+        return sum(p.stat().st_size for p in logs.rglob("*") if p.is_file())
+
+    assert post(server, json.dumps(ORIGINAL))[0] == 200
+    per_request = {}
+    for name, (body, content_type, status) in HOSTILE.items():
+        before = logged()
+        for _ in range(20):
+            assert post(server, body, content_type)[0] == status, name
+        time.sleep(0.5)  # the frontend writes worker lines asynchronously
+        per_request[name] = (logged() - before) / 20
+    print(f"\nlog bytes per hostile request: {per_request}")
+    # before: invalid JSON ~4 KB (a traceback in two logs), the form body ~12 KB of Java trace
+    assert max(per_request.values()) < 20, per_request

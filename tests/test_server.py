@@ -20,12 +20,12 @@ from stockcast.serve import example_curl, free_ports, get, processes, start, sto
 pytestmark = pytest.mark.slow
 
 def test_ping(server):
-    status, body = get(f"{server.inference}/ping")
+    status, body = get(f"{server.inference}/ping", server.headers())
     assert status == 200 and json.loads(body) == {"status": "Healthy"}
 
 
 def test_the_original_projects_payload_gets_the_offline_forecast(server, artifacts):
-    status, body = post(url(server), json.dumps(ORIGINAL))
+    status, body = post(server, json.dumps(ORIGINAL))
     assert status == 200, body
     expected = forecast_from_export(artifacts, np.array([ORIGINAL["history"]]))[0]
     np.testing.assert_allclose(body["forecast"], expected, rtol=1e-5)
@@ -35,8 +35,8 @@ def test_the_original_projects_payload_gets_the_offline_forecast(server, artifac
 @pytest.mark.parametrize("k", [0.01, 3, 100])
 def test_forecast_scales_with_the_history_over_http(server, k):
     history = closes(seed=5)
-    _, base = post(url(server), json.dumps({"history": history.tolist()}))
-    _, scaled = post(url(server), json.dumps({"history": (k * history).tolist()}))
+    _, base = post(server, json.dumps({"history": history.tolist()}))
+    _, scaled = post(server, json.dumps({"history": (k * history).tolist()}))
     np.testing.assert_allclose(scaled["forecast"], np.multiply(k, base["forecast"]), rtol=1e-5)
 
 
@@ -56,10 +56,10 @@ def test_forecast_scales_with_the_history_over_http(server, k):
     ],
 )
 def test_bad_input_gets_a_json_400_naming_the_problem(server, body, content_type, reason):
-    status, answer = post(url(server), body, content_type)
+    status, answer = post(server, body, content_type)
     assert status == 400, answer
     assert answer["reason"] == reason and answer["error"]
-    assert post(url(server), json.dumps(ORIGINAL))[0] == 200
+    assert post(server, json.dumps(ORIGINAL))[0] == 200
 
 
 def test_an_oversized_body_is_refused_with_413(server):
@@ -74,16 +74,16 @@ def test_an_oversized_body_is_refused_with_413(server):
                      f"application/json\r\nContent-Length: {size}\r\n\r\n".encode())
         status_line = conn.makefile("rb").readline().decode()
     assert status_line.split()[1] == "413", status_line
-    assert post(url(server), json.dumps(ORIGINAL))[0] == 200
+    assert post(server, json.dumps(ORIGINAL))[0] == 200
 
 
 def test_metrics_count_forecasts_and_rejections(server):
     before = scrape(server)
     good, bad = 7, 3
     for i in range(good):
-        assert post(url(server), json.dumps({"history": closes(seed=i).tolist()}))[0] == 200
+        assert post(server, json.dumps({"history": closes(seed=i).tolist()}))[0] == 200
     for _ in range(bad):
-        assert post(url(server), '{"history": [1]}')[0] == 400
+        assert post(server, '{"history": [1]}')[0] == 400
     after = scrape(server)
 
     def delta(name, **labels):
@@ -99,7 +99,7 @@ def test_metrics_count_forecasts_and_rejections(server):
 
 
 def test_every_dashboard_metric_exists_in_a_real_scrape(server):
-    post(url(server), json.dumps(ORIGINAL))
+    post(server, json.dumps(ORIGINAL))
     text = scrape(server)
     declared = set(re.findall(r"^# TYPE (\S+) ", text, flags=re.M))
     assert dashboard_metric_names() <= declared, dashboard_metric_names() - declared
@@ -112,7 +112,6 @@ def test_every_dashboard_metric_exists_in_a_real_scrape(server):
 
 def test_the_printed_curl_works_as_printed(server):
     command = example_curl(server)
-    assert "Authorization" not in command  # local config: loopback only, no token
     proc = subprocess.run(command, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0 and json.loads(proc.stdout)["forecast"]
 
@@ -161,7 +160,7 @@ def test_a_real_prometheus_scrapes_the_server_with_our_config(server, tmp_path):
     config["scrape_configs"][0]["static_configs"][0]["targets"] = [f"127.0.0.1:{server.ports[2]}"]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_ports(1)[0]
-    post(url(server), json.dumps(ORIGINAL))
+    post(server, json.dumps(ORIGINAL))
     proc = subprocess.Popen(
         [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
          f"--web.listen-address=127.0.0.1:{port}"],
