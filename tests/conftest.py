@@ -12,6 +12,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
+import stockcast.training  # noqa: F401  registers ${ticker_name:}, which configs/train.yaml uses
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["trainer.max_epochs=2", "+trainer.limit_train_batches=4", "~logger"]  # a few seconds
 

@@ -125,3 +125,12 @@ def test_image_has_the_files_the_docker_config_names() -> None:
               for line in runtime.splitlines() if line.startswith("COPY")}
     assert {props["model_store"], props["metrics_config"], f"{workdir}/config.properties"} <= copied
     assert f"{workdir}/key_file.json" in runtime  # TorchServe writes it to its working directory
+
+
+def test_the_proxy_is_the_only_way_in_to_inference() -> None:
+    conf = (ROOT / "deploy" / "nginx" / "stockcast.conf").read_text()
+    host, port = re.search(r"^\s*server (\S+):(\d+);", conf, re.M).groups()
+    assert host in COMPOSE["services"] and port == "8080"
+    published = {name: [p.split(":")[-1] for p in s.get("ports", [])]
+                 for name, s in COMPOSE["services"].items()}
+    assert "8080" in published["proxy"] and "8080" not in published[host]
