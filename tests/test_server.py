@@ -208,8 +208,28 @@ def test_the_serve_command_is_idempotent_and_reloads_a_changed_archive(artifacts
         status = serve("status")
         assert status.returncode == 0 and f"127.0.0.1:{ports[0]}/predictions/lstm" in status.stdout
         record = json.loads((home / "server.json").read_text())
-        code, body = get(f"http://127.0.0.1:{ports[1]}/models/lstm")
+        key = json.loads((home / "key_file.json").read_text())["management"]["key"]
+        code, body = get(f"http://127.0.0.1:{ports[1]}/models/lstm", {"Authorization": f"Bearer {key}"})
         assert code == 200 and json.loads(body)[0]["batchSize"] == 1  # the latency archive
     finally:
         serve("stop")
-    assert processes(record["pid"]) == {} and serve("status").returncode == 1
+    assert processes(record["pid"]) == {} and serve("status").returncode != 0
+
+
+def test_every_error_a_client_can_get_has_torchserves_shape_and_ours_a_reason(server):
+    """The README's status table: TorchServe's {code, type, message}, ours adds error and reason."""
+    base = server.inference
+    cases = {  # name -> ((status, type, reason or None), the answer)
+        "ours": ((400, "BadRequest", "too_short"), post(server, '{"history": [1]}')),
+        "explanations": ((404, "NotFound", "no_explanations"),
+                         post(f"{base}/explanations/lstm", json.dumps(ORIGINAL), headers=server.headers())),
+        "another model": ((404, "ModelNotFoundException", None),
+                          post(f"{base}/predictions/nope", json.dumps(ORIGINAL), headers=server.headers())),
+    }
+    if server.token():  # token auth on, the default
+        cases["no key"] = ((400, "InvalidKeyException", None), post(url(server), json.dumps(ORIGINAL)))
+    for name, ((status, kind, reason), (got, answer)) in cases.items():
+        assert got == status and answer["code"] == status and answer["type"] == kind, (name, answer)
+        assert answer["message"], name
+        if reason:
+            assert answer["reason"] == reason and answer["error"] == answer["message"], name
