@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import ROOT, random_walk
+from conftest import ROOT, random_walk, write_flat_csv
 
 from stockcast.data import StockDataModule, log_returns, make_windows, to_prices
 from stockcast.prices import DataError, load_prices
@@ -86,3 +86,25 @@ def test_datamodule_reads_the_bundled_snapshot_between_start_and_end():
 def test_an_impossible_split_is_a_clear_error(walk, val, test):
     with pytest.raises(DataError, match="leaves no room for train, val and test in 400 rows"):
         make_windows(walk, 60, 1, val, test, name="walk.csv")
+
+
+@pytest.mark.parametrize("ticker", ["../x", "data/../../x", "..\\x"])
+def test_a_ticker_with_path_separators_is_refused_before_any_file_is_named(tmp_path, ticker):
+    with pytest.raises(DataError, match="is not a ticker symbol"):
+        StockDataModule(ticker=ticker, source="auto", cache_dir=str(tmp_path / "cache"))
+    assert not (tmp_path / "cache").exists()
+
+
+def test_on_suspicious_error_stops_setup_and_warn_goes_on(tmp_path, caplog):
+    frame = random_walk(300)
+    frame.iloc[150, 0] *= 1000  # a misplaced decimal point
+    path = write_flat_csv(tmp_path / "X.csv", frame)
+    kwargs = dict(ticker="X", source="csv", snapshot=str(path), start="2019-01-01", end="2022-01-01")
+    strict = StockDataModule(on_suspicious="error", **kwargs)
+    with pytest.raises(DataError, match=f"{frame.index[150]:%Y-%m-%d} close .* its neighbours"):
+        strict.setup()
+    lenient = StockDataModule(**kwargs)
+    lenient.setup()
+    assert lenient.splits["test"] and "suspicious data" in caplog.text
+    with pytest.raises(DataError, match="data.on_suspicious must be warn or error, not 'ignore'"):
+        StockDataModule(on_suspicious="ignore", **kwargs)

@@ -46,3 +46,9 @@ def test_forecast_scales_with_its_input(k):
     assert not np.allclose(base, history[:, -1:], rtol=1e-3)
     np.testing.assert_allclose(predict(net, windows_for(k * history), FittedScaler()), k * base,
                                rtol=1e-5)
+
+
+def test_an_unknown_loss_is_a_clear_error():
+    with pytest.raises(ValueError, match="loss must be huber or mse, not 'mae'"):
+        LSTMForecaster(loss="mae")
+    assert isinstance(LSTMForecaster(loss="mse").loss, torch.nn.MSELoss)

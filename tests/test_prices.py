@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 import yfinance as yf
 from conftest import ROOT, random_walk, write_flat_csv
 
-from stockcast.prices import DataError, fetch, load_prices, resolve
+from stockcast.prices import DataError, check_ticker, fetch, load_prices, resolve, ticker_name
 
 
 def yfinance_frame(ticker: str, frame: pd.DataFrame) -> pd.DataFrame:
@@ -53,12 +56,18 @@ def test_classic_export_uses_adj_close_and_drops_holiday_rows(tmp_path):
     assert list(frame.index.strftime("%m-%d")) == ["02-09", "02-14", "02-16"]
 
 
-def test_unsorted_and_duplicated_dates_are_sorted_and_deduplicated(tmp_path):
+def test_unsorted_and_duplicated_dates_are_sorted_and_deduplicated(tmp_path, caplog):
     path = tmp_path / "x.csv"
-    path.write_text("Date,Close,Volume\n2020-01-03,3,1\n2020-01-01,1,1\n2020-01-02,2,1\n"
-                    "2020-01-03,3.5,1\n")
+    path.write_text("Date,Close,Volume\n2020-01-03,10.3,1\n2020-01-01,10,1\n2020-01-02,10.2,1\n"
+                    "2020-01-03,10.35,1\n2020-01-02,10.2,1\n")  # 01-02 twice, the same close: fine
     frame = load_prices(path)
-    assert frame["close"].tolist() == [1, 2, 3.5]
+    assert frame["close"].tolist() == [10, 10.2, 10.35]
+    # the conflicting date is named in one warning line; the identical repeat is not
+    assert [r.getMessage() for r in caplog.records] == [
+        f"warning: {path}: suspicious data: dates with two different closes, the last row kept: "
+        "2020-01-03 (10.3 vs 10.35) (check the file; data.on_suspicious=error stops here)"]
+    with pytest.raises(DataError, match="2020-01-03 .10.3 vs 10.35. .data.on_suspicious=error.$"):
+        load_prices(path, on_suspicious="error")
 
 
 def test_real_gaps_are_kept_not_filled(tmp_path):
@@ -140,3 +149,119 @@ def test_csv_source_never_calls_yfinance(tmp_path, monkeypatch):
     assert resolve("csv", "X", "2020-01-01", "2021-01-01", tmp_path, snapshot) == snapshot
     with pytest.raises(DataError, match="data.source must be"):
         resolve("web", "X", "2020-01-01", "2021-01-01", tmp_path, snapshot)
+
+
+def daily_csv(path: Path, dates: list[str], closes: list[float] | None = None,
+              header: str = "Date,Close") -> Path:
+    closes = closes or [10 + 0.1 * i for i in range(len(dates))]
+    path.write_text(header + "\n" + "".join(f"{d},{c}\n" for d, c in zip(dates, closes, strict=True)))
+    return path
+
+
+def test_iso_and_timezone_aware_dates_load_as_trading_days(tmp_path):
+    # older yfinance wrote local midnight with the offset; B3 switched -02:00/-03:00 with DST
+    dates = ["2018-12-28 00:00:00-02:00", "2019-01-02 00:00:00-02:00", "2019-03-01T00:00:00-03:00",
+             "2019-03-05 00:00:00-0300", "2019-03-06 00:00:00Z", "2019-03-07", "2019-03-08 00:00"]
+    frame = load_prices(daily_csv(tmp_path / "tz.csv", dates))
+    assert list(frame.index.strftime("%Y-%m-%d")) == [d[:10] for d in dates]
+    assert frame.index.tz is None
+
+
+@pytest.mark.parametrize(
+    ("dates", "line", "why"),
+    [
+        # each alone parses either way: pandas' format="mixed" read 13/04 as day-first and
+        # 03/04 as month-first, silently scrambling the series
+        (["02/04/2020", "03/04/2020", "13/04/2020"], 2, "day-first and month-first"),
+        (["2020-04-02", "2020-04-03", "13/04/2020"], 4, "day-first and month-first"),
+        (["2020-04-02", "04/03/2020"], 3, "day-first and month-first"),
+        (["02/04/20", "03/04/20"], 2, "a two-digit year"),
+        (["20-04-02", "20-04-03"], 2, "a two-digit year"),
+        (["2020-4-2", "2020-4-3"], 2, "is not YYYY-MM-DD;"),
+    ],
+)
+def test_ambiguous_or_mixed_date_formats_stop_at_their_line(tmp_path, dates, line, why):
+    path = daily_csv(tmp_path / "dates.csv", dates)
+    with pytest.raises(DataError) as err:
+        load_prices(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}, line {line}: date ") and why in message
+    assert "\n" not in message
+
+
+def test_an_impossible_calendar_date_names_its_line(tmp_path):
+    path = daily_csv(tmp_path / "d.csv", ["2020-02-28", "2020-02-30"])
+    with pytest.raises(DataError, match=r"line 3: date is not a date \('2020-02-30'\)"):
+        load_prices(path)
+
+
+def test_a_folder_or_unreadable_file_is_one_line(tmp_path, monkeypatch):
+    with pytest.raises(DataError) as err:
+        load_prices(tmp_path)
+    assert str(err.value) == f"{tmp_path}: is a folder, not a CSV file"
+    path = write_flat_csv(tmp_path / "locked.csv", random_walk(5))
+
+    def denied(self, *args, **kwargs):  # chmod 000 does not stop root, who runs CI here
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(DataError) as err:
+        load_prices(path)
+    assert str(err.value) == f"{path}: cannot read the file (Permission denied)"
+
+
+def test_adj_close_all_null_falls_back_to_close(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_text("Date,Open,High,Low,Close,Adj Close,Volume\n"
+                    "2020-01-02,1,1,1,10.0,null,5\n2020-01-03,1,1,1,10.5,null,5\n")
+    assert load_prices(path)["close"].tolist() == [10.0, 10.5]
+
+
+@pytest.mark.parametrize("name", ["PETR4.SA.csv", "VALE3.SA.csv", "ITUB4.SA.csv"])
+def test_bundled_snapshots_raise_no_alarm(caplog, name):
+    caplog.set_level(logging.DEBUG)
+    load_prices(ROOT / "data" / name, on_suspicious="error")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def vale3_with(tmp_path: Path, change) -> Path:
+    """The bundled VALE3 series (real moves, real crashes) with one defect made by `change`."""
+    frame = load_prices(ROOT / "data" / "VALE3.SA.csv")
+    return write_flat_csv(tmp_path / "VALE3.SA.csv", change(frame.copy()))
+
+
+def unadjusted_split(frame: pd.DataFrame) -> pd.DataFrame:
+    frame.loc[:"2015-06-30", "close"] *= 2  # a 2:1 split on 2015-07-01 the provider never adjusted
+    return frame
+
+
+def typo(frame: pd.DataFrame) -> pd.DataFrame:
+    frame.loc["2019-01-28", "close"] *= 1000  # the day of VALE3's real -24% crash (Brumadinho)
+    return frame
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [(unadjusted_split, "2015-07-01 close x0.50 vs the day before, and it stays (an unadjusted split?)"),
+     (typo, "2019-01-28 close 22893.1 is 865x its neighbours")],
+)
+def test_suspicious_moves_warn_naming_the_date_or_stop_when_asked(tmp_path, caplog, change, named):
+    path = vale3_with(tmp_path, change)
+    frame = load_prices(path)
+    assert len(frame) == len(load_prices(ROOT / "data" / "VALE3.SA.csv"))  # warned, not altered
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING and "\n" not in record.getMessage()
+    assert record.getMessage().startswith(f"warning: {path}: suspicious data: ")
+    assert named in record.getMessage()
+    with pytest.raises(DataError, match="suspicious data: .*" + named.split(" ")[0]):
+        load_prices(path, on_suspicious="error")
+
+
+def test_tickers_that_are_paths_are_refused_and_names_follow_tickers():
+    for bad in ["../x", "a/b", "..", "a\\b", "", "PETR4.SA/../../etc"]:
+        with pytest.raises(DataError, match="is not a ticker symbol"):
+            check_ticker(bad)
+    assert check_ticker("PETR4.SA") == "PETR4.SA" and check_ticker("^BVSP") == "^BVSP"
+    names = {t: ticker_name(t) for t in ["PETR4.SA", "VALE3.SA", "^BVSP", "BTC-USD", "AAPL"]}
+    assert names == {"PETR4.SA": "petr4", "VALE3.SA": "vale3", "^BVSP": "bvsp", "BTC-USD": "btc-usd",
+                     "AAPL": "aapl"}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +14,26 @@ import pytest
 import torch
 from conftest import QUICK, ROOT, compose_train, forecast_from_export, random_walk, write_flat_csv
 from hydra.utils import instantiate
+from omegaconf import open_dict
 
 from stockcast.export import sha256
 from stockcast.model import LSTMForecaster
-from stockcast.training import train
+from stockcast.prices import DataError
+from stockcast.training import RunError, git_state, train
 
 METRIC_KEYS = {"mae", "rmse", "mape", "directional_accuracy"}
+# the quickest run that still trains and saves a checkpoint (fast_dev_run saves none)
+TINY = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=2",
+        "~logger"]
+
+
+def strings(tree) -> list[str]:
+    """Every string value in a JSON tree."""
+    if isinstance(tree, dict):
+        return [s for v in tree.values() for s in strings(v)]
+    if isinstance(tree, list):
+        return [s for v in tree for s in strings(v)]
+    return [tree] if isinstance(tree, str) else []
 
 
 @pytest.mark.parametrize("experiment", ["petr4", "vale3", "itub4"])
@@ -39,8 +55,8 @@ def test_horizon_is_defined_once(tmp_path):
     assert cfg.model.horizon == 5
 
 
-def test_fast_dev_run_writes_every_artifact(tmp_path):
-    cfg = compose_train(tmp_path, "experiment=petr4", "+trainer.fast_dev_run=true")
+def test_a_short_run_writes_every_artifact(tmp_path):
+    cfg = compose_train(tmp_path, "experiment=petr4", *TINY)
     results = train(cfg)
     out = tmp_path / "artifacts" / "petr4"
     assert sorted(p.name for p in out.iterdir()) == [
@@ -61,13 +77,104 @@ def test_fast_dev_run_writes_every_artifact(tmp_path):
     assert not [p for p in (tmp_path / "artifacts").iterdir() if p.name.startswith(".")]
 
 
+def test_meta_says_what_was_trained_on_when_and_from_which_commit(tmp_path):
+    train(compose_train(tmp_path, "experiment=petr4", "seed=3", *TINY))
+    meta = json.loads((tmp_path / "artifacts" / "petr4" / "meta.json").read_text())
+    # no absolute paths: they say nothing on the machine that serves the model
+    assert not [s for s in strings(meta) if s.startswith("/") or str(tmp_path) in s]
+    assert meta["data"]["file"] == "data/PETR4.SA.csv"  # relative to paths.root
+    assert meta["data"]["sha256"] == sha256(ROOT / "data" / "PETR4.SA.csv")
+    assert meta["checkpoint"].startswith("checkpoints/") and meta["checkpoint"].endswith(".ckpt")
+    assert (tmp_path / "run" / meta["checkpoint"]).is_file()  # relative to the run folder
+    assert meta["seed"] == 3
+    trained_at = datetime.fromisoformat(meta["trained_at"])
+    assert trained_at.utcoffset() == timedelta(0)
+    assert timedelta(0) <= datetime.now(UTC) - trained_at < timedelta(minutes=10)
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    assert meta["git_commit"] == head and len(head) == 40
+    assert isinstance(meta["git_dirty"], bool)
+    val, test = meta["metrics"]["val"], meta["metrics"]["test"]
+    assert {"val_start", "val_end", "n_val"} <= set(val) and not [k for k in val if "test" in k]
+    assert val["val_start"] == meta["data"]["target_dates"]["val"][0] < test["test_start"]
+    assert (meta["ticker"], meta["window"], meta["horizon"], meta["scaler_file"]) == (
+        "PETR4.SA", 60, 1, "scaler.json")  # what the handler reads
+
+
+def test_git_state_is_null_outside_a_checkout(tmp_path):
+    assert git_state(tmp_path) == (None, None)
+
+
+def test_name_follows_the_ticker_unless_set(tmp_path):
+    def name(*overrides: str) -> str:
+        return compose_train(tmp_path, *overrides).name
+
+    assert name() == "petr4"
+    assert name("data.ticker=VALE3.SA") == "vale3"
+    assert name("experiment=petr4", "data.ticker=VALE3.SA") == "vale3"  # never artifacts/petr4
+    assert [name(f"experiment={e}") for e in ("petr4", "vale3", "itub4")] == ["petr4", "vale3", "itub4"]
+    assert name("data.ticker=VALE3.SA", "name=vale3_h5") == "vale3_h5"
+
+
+class Console(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_bar_only_on_a_terminal(tmp_path, monkeypatch, tty):
+    cfg = compose_train(tmp_path, "experiment=petr4", *TINY)
+    with open_dict(cfg):
+        cfg.trainer.enable_progress_bar = None  # as configs/trainer/default.yaml ships it
+    console = Console(tty)
+    monkeypatch.setattr(sys, "stdout", console)
+    train(cfg)
+    assert ("Epoch 0" in console.getvalue()) is tty
+
+
+@pytest.mark.parametrize("overrides", [["trainer.max_epochs=0"], ["+trainer.fast_dev_run=true"]])
+def test_a_run_that_did_not_train_publishes_nothing(tmp_path, overrides):
+    saved = tmp_path / "artifacts" / "petr4" / "metrics.json"
+    saved.parent.mkdir(parents=True)
+    saved.write_text('{"saved": "earlier run"}')
+    with pytest.raises(RunError, match=r"the run saved no checkpoint \(.*epochs: .*\): nothing to "
+                                       r"evaluate or publish, .*artifacts/petr4 is left as it was"):
+        train(compose_train(tmp_path, "experiment=petr4", *overrides))
+    assert saved.read_text() == '{"saved": "earlier run"}'
+    assert [p.name for p in (tmp_path / "artifacts").iterdir()] == ["petr4"]
+    assert not (tmp_path / "run" / "artifacts").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "error", "message"),
+    [
+        ("model.loss=mae", RunError, "model: loss must be huber or mse, not 'mae'"),
+        ("model.hidden_size=abc", RunError, "model: TypeError: hidden_size should be of type int"),
+        ("callbacks.early_stopping.patience=${nope}", RunError,
+         "callbacks.early_stopping: Interpolation key 'nope' not found"),
+        ("data.on_suspicious=ignore", DataError, "data.on_suspicious must be warn or error"),
+        ("data.window=2", DataError, "window must be >= 3 and horizon >= 1 (got 2, 1)"),
+        ("name=../../etc", RunError, "name '../../etc' must be a plain folder name"),
+    ],
+)
+def test_config_errors_are_one_line_naming_the_key(tmp_path, override, error, message):
+    with pytest.raises(error) as err:
+        train(compose_train(tmp_path, "experiment=petr4", override, *TINY))
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    assert not (tmp_path / "artifacts").exists()
+
+
 @pytest.mark.parametrize("horizon", [1, 5])
 def test_export_round_trip_matches_the_lightning_checkpoint(tmp_path, horizon):
     cfg = compose_train(tmp_path, "experiment=petr4", f"data.horizon={horizon}", *QUICK)
     train(cfg)
     out = tmp_path / "artifacts" / "petr4"
     meta = json.loads((out / "meta.json").read_text())
-    forecaster = LSTMForecaster.load_from_checkpoint(meta["checkpoint"]).eval()
+    forecaster = LSTMForecaster.load_from_checkpoint(tmp_path / "run" / meta["checkpoint"]).eval()
     scaler = json.loads((out / "scaler.json").read_text())
     history = 30 * np.exp(np.cumsum(np.random.default_rng(0).normal(0, 0.02, (6, 80)), axis=1))
     # the reference: the checkpointed LightningModule, with the scaler applied by hand
@@ -114,8 +221,49 @@ def test_cli_too_few_rows_names_the_file(tmp_path):
     proc = run_cli("experiment=petr4", "data.source=csv", f"data.snapshot={short}",
                    f"paths.artifacts_dir={tmp_path / 'a'}", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2
-    assert f"\nerror: {short}: 50 rows are too few for window=60" in proc.stderr
+    [error] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert error.startswith(f"error: {short}: 50 rows are too few for window=60")
     assert "Traceback" not in proc.stderr
+
+
+def test_cli_errors_inside_instantiate_are_one_line(tmp_path):
+    # raised inside StockDataModule.__init__, which Hydra's instantiate wraps; the ticker would
+    # have named data/../x.csv, data/cache/../x_*.csv and artifacts/../x
+    proc = run_cli("data.source=csv", "data.ticker=../x", f"paths.artifacts_dir={tmp_path / 'a'}",
+                   f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        "error: data.ticker '../x' is not a ticker symbol like PETR4.SA or ^BVSP "
+        "(letters, digits and . ^ = _ - only)"]
+    for noise in ("Traceback", "InstantiationException", "Error in call to target", "HYDRA_FULL_ERROR"):
+        assert noise not in proc.stdout + proc.stderr
+    assert not (tmp_path / "a").exists()
+
+
+def test_cli_untrained_run_refuses_to_publish(tmp_path):
+    saved = tmp_path / "a" / "petr4" / "metrics.json"
+    saved.parent.mkdir(parents=True)
+    saved.write_text('{"saved": "by the user"}')
+    proc = run_cli("experiment=petr4", "data.source=csv", "trainer.max_epochs=0",
+                   f"paths.artifacts_dir={tmp_path / 'a'}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: the run saved no checkpoint (epochs: 0, steps: 0): nothing to evaluate or publish, "
+        f"{tmp_path / 'a' / 'petr4'} is left as it was"]
+    assert "better" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+    assert saved.read_text() == '{"saved": "by the user"}'
+
+
+def test_cli_piped_run_is_quiet_names_artifacts_after_the_ticker_and_logs_the_result(tmp_path):
+    proc = run_cli("data.ticker=VALE3.SA", "data.source=csv", *TINY,
+                   f"paths.artifacts_dir={tmp_path / 'a'}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["vale3"]  # not artifacts/petr4
+    # stdout is a pipe: no progress bar (a full run printed ~70 KB of it), the result table stays
+    assert "\r" not in proc.stdout and "Epoch" not in proc.stdout and len(proc.stdout) < 2000
+    assert "test VALE3.SA" in proc.stdout and "rmse_ratio" in proc.stdout
+    log = (tmp_path / "run" / "train.log").read_text()  # Hydra's run log was empty
+    assert "test VALE3.SA" in log and "persistence" in log and "val rmse_ratio" in log
 
 
 @pytest.mark.slow
@@ -145,7 +293,7 @@ def test_auto_source_tries_yfinance_once_per_run(tmp_path, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(yf, "download", lambda *a, **k: calls.append(a) or pd.DataFrame())
     train(compose_train(tmp_path, "experiment=petr4", "data.source=auto",
-                        f"data.cache_dir={tmp_path / 'cache'}", "+trainer.fast_dev_run=true"))
+                        f"data.cache_dir={tmp_path / 'cache'}", *TINY))
     assert len(calls) == 1  # Lightning calls prepare_data again inside fit()
     assert capsys.readouterr().out.count("yfinance unavailable") == 1
 
@@ -162,6 +310,6 @@ def test_a_run_failing_while_exporting_keeps_the_previous_artifacts(tmp_path, mo
 
     monkeypatch.setattr(stockcast.training, "plot", broken_plot)
     with pytest.raises(OSError, match="disk full"):
-        train(compose_train(tmp_path, "experiment=petr4", "+trainer.fast_dev_run=true"))
+        train(compose_train(tmp_path, "experiment=petr4", *TINY))
     assert saved.read_text() == '{"saved": "earlier run"}'
     assert [p.name for p in (tmp_path / "artifacts").iterdir()] == ["petr4"]  # no half-written copy

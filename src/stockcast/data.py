@@ -12,7 +12,7 @@ import torch
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader, TensorDataset
 
-from stockcast.prices import DataError, load_prices, resolve
+from stockcast.prices import DataError, check_ticker, load_prices, resolve
 
 FEATURES = ["log_return"]
 
@@ -121,10 +121,14 @@ class StockDataModule(L.LightningDataModule):
         val: float | str = 0.1,
         test: float | str = 0.2,
         batch_size: int = 64,
+        on_suspicious: str = "warn",
     ) -> None:
         super().__init__()
+        check_ticker(ticker)  # before any file is named after it
         if window < 3 or horizon < 1:
             raise DataError(f"window must be >= 3 and horizon >= 1 (got {window}, {horizon})")
+        if on_suspicious not in ("warn", "error"):
+            raise DataError(f"data.on_suspicious must be warn or error, not {on_suspicious!r}")
         self.save_hyperparameters()
         self.splits: dict[str, Windows] = {}
         self.scaler: StandardScaler | None = None
@@ -142,7 +146,7 @@ class StockDataModule(L.LightningDataModule):
         if self.path is None:
             self.prepare_data()
         hp = self.hparams
-        frame = load_prices(self.path)
+        frame = load_prices(self.path, on_suspicious=hp.on_suspicious)
         frame = frame.loc[pd.Timestamp(hp.start) : pd.Timestamp(hp.end)]
         self.splits, self.scaler = make_windows(
             frame, hp.window, hp.horizon, hp.val, hp.test, name=str(self.path)

@@ -25,8 +25,9 @@ def errors(forecast: np.ndarray, actual: np.ndarray, last_close: np.ndarray) -> 
 
 
 def compare(forecast: np.ndarray, actual: np.ndarray, last_close: np.ndarray, dates: pd.DatetimeIndex,
-            ticker: str) -> dict:
-    """The metrics.json record: model and persistence errors side by side, and their RMSE ratio."""
+            ticker: str, split: str = "test") -> dict:
+    """The metrics.json record: model and persistence errors side by side, and their RMSE ratio;
+    the span keys are named for `split` (test_start, test_end, n_test for the test split)."""
     persistence = np.repeat(last_close[:, None], actual.shape[1], axis=1)
     model, naive = errors(forecast, actual, last_close), errors(persistence, actual, last_close)
     return {
@@ -34,9 +35,9 @@ def compare(forecast: np.ndarray, actual: np.ndarray, last_close: np.ndarray, da
         "persistence": naive,
         "rmse_ratio": model["rmse"] / naive["rmse"],
         "ticker": ticker,
-        "test_start": f"{dates[0]:%Y-%m-%d}",
-        "test_end": f"{dates[-1]:%Y-%m-%d}",
-        "n_test": int(len(actual)),
+        f"{split}_start": f"{dates[0]:%Y-%m-%d}",
+        f"{split}_end": f"{dates[-1]:%Y-%m-%d}",
+        f"n_{split}": int(len(actual)),
     }
 
 

@@ -28,16 +28,19 @@ class LSTMNet(nn.Module):
 
 
 class LSTMForecaster(L.LightningModule):
-    """Trains `LSTMNet` on scaled returns with MSE; hyperparameters are scalars for checkpoints."""
+    """Trains `LSTMNet` on scaled returns (Huber or MSE loss); scalar hyperparameters for checkpoints."""
 
     def __init__(self, input_size: int = 1, hidden_size: int = 50, num_layers: int = 2,
                  dropout: float = 0.1, horizon: int = 1, lr: float = 0.001,
                  weight_decay: float = 0.0, loss: str = "mse") -> None:
         super().__init__()
+        losses = {"mse": nn.MSELoss, "huber": nn.HuberLoss}
+        if loss not in losses:
+            raise ValueError(f"loss must be huber or mse, not {loss!r}")
         self.save_hyperparameters()
         self.net = LSTMNet(input_size, hidden_size, num_layers, dropout, horizon)
         # huber: daily returns have fat tails (PETR4 -29.7% on 2020-03-09) that MSE chases
-        self.loss = {"mse": nn.MSELoss(), "huber": nn.HuberLoss(delta=1.0)}[loss]
+        self.loss = losses[loss]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
