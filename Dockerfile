@@ -48,10 +48,11 @@ COPY handlers/log4j2.xml log4j2.xml
 
 USER 10001:10001
 EXPOSE 8080 8081 8082
-# /ping needs the inference key, which TorchServe writes to key_file.json in its working directory
-# at each start; urlopen raises (exit 1) on a refused connection or any status but 2xx.
+# Healthy only while a worker of lstm is READY: /ping says Healthy even with the workers scaled
+# to 0, so this asks the management API (its key is in key_file.json, which TorchServe writes to
+# its working directory at each start). Any error, refused key or no READY worker: exit 1.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=90s --retries=3 \
-    CMD ["python", "-c", "import json, urllib.request as r; key = json.load(open('/home/model-server/key_file.json'))['inference']['key']; r.urlopen(r.Request('http://127.0.0.1:8080/ping', headers={'Authorization': 'Bearer ' + key}), timeout=4)"]
+    CMD ["python", "-c", "import json, urllib.request as r; key = json.load(open('/home/model-server/key_file.json'))['management']['key']; workers = json.load(r.urlopen(r.Request('http://127.0.0.1:8081/models/lstm', headers={'Authorization': 'Bearer ' + key}), timeout=4))[0]['workers']; raise SystemExit(0 if any(w['status'] == 'READY' for w in workers) else 1)"]
 CMD ["torchserve", "--foreground", "--ts-config", "/home/model-server/config.properties", \
      "--log-config", "/home/model-server/log4j2.xml", \
      "--model-store", "/home/model-server/model-store", "--models", "lstm=lstm.mar"]

@@ -46,14 +46,20 @@ $(ART)/meta.json:
 package: install $(ART)/meta.json
 	$(BIN)/python -m stockcast.package $(ART) model_store --profile $(PROFILE)
 
+# start|stop|status exit codes (python -m stockcast.serve --help): 0 done (stop: also when nothing
+# ran, with a message), 1 failed, 3 not running (status), 4 running but no worker READY or the key
+# refused (status). Token auth is on: SERVE_ARGS=--no-token-auth turns it off (with a warning).
 serve: package
-	$(BIN)/python -m stockcast.serve start
+	$(BIN)/python -m stockcast.serve start $(SERVE_ARGS)
 
 stop:
-	@test -x $(BIN)/python && $(BIN)/python -m stockcast.serve stop || echo "TorchServe is not running"
+	@if test -x $(BIN)/python; then $(BIN)/python -m stockcast.serve stop; \
+	else echo "TorchServe is not running"; fi
 
 status:
-	$(BIN)/python -m stockcast.serve status
+	@if test -x $(BIN)/python; then $(BIN)/python -m stockcast.serve status; \
+	else echo "TorchServe is not running" >&2; exit 3; fi
+
 bench: package
 	$(BIN)/python -m stockcast.bench $(BENCH_ARGS)
 soak: package

@@ -1,14 +1,20 @@
-"""lstm.mar is rebuilt exactly when its content would change."""
+"""lstm.mar is rebuilt exactly when its content would change, from one version of the artifacts,
+and concurrent builds never mix."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
+import subprocess
+import sys
+import threading
 import zipfile
 
 import pytest
 from conftest import ROOT
 
-from stockcast.package import build_archive
+from stockcast.package import PROFILES, build_archive, contents
 
 
 def test_archive_is_rebuilt_only_when_an_input_changes(artifacts, tmp_path):
@@ -27,3 +33,81 @@ def test_archive_is_rebuilt_only_when_an_input_changes(artifacts, tmp_path):
 def test_missing_artifacts_say_train_first(tmp_path):
     with pytest.raises(FileNotFoundError, match="train first"):
         build_archive(tmp_path, tmp_path / "store", handlers=ROOT / "handlers")
+
+
+def test_artifacts_read_during_a_publish_are_refused_not_mixed(artifacts, tmp_path):
+    own = tmp_path / "artifacts"
+    shutil.copytree(artifacts, own)
+    (own / "scaler.json").write_text((own / "scaler.json").read_text() + " ")  # another version
+    with pytest.raises(ValueError, match=r"scaler.json does not match the sha256 in meta.json"):
+        build_archive(own, tmp_path / "store", handlers=ROOT / "handlers")
+    assert not (tmp_path / "store" / "lstm.mar").exists()
+
+
+def test_a_build_while_training_publishes_reads_one_version(artifacts, tmp_path):
+    from stockcast.export import publish
+
+    versions = [tmp_path / "v0", tmp_path / "v1"]
+    for v in versions:
+        shutil.copytree(artifacts, v)
+    scaler = json.loads((versions[1] / "scaler.json").read_text())
+    scaler["mean"][0] += 0.01  # a second training run: another scaler, its sha256 in its meta.json
+    (versions[1] / "scaler.json").write_text(json.dumps(scaler))
+    meta = json.loads((versions[1] / "meta.json").read_text())
+    meta["sha256"]["scaler.json"] = hashlib.sha256((versions[1] / "scaler.json").read_bytes()).hexdigest()
+    (versions[1] / "meta.json").write_text(json.dumps(meta))
+    target = tmp_path / "artifacts" / "petr4"
+    shutil.copytree(versions[0], target)
+    done = threading.Event()
+
+    def keep_publishing() -> None:  # the way train.py publishes: a whole folder swapped in
+        i = 0
+        while not done.is_set():
+            shutil.copytree(versions[i % 2], tmp_path / f"staging{i}")
+            publish(tmp_path / f"staging{i}", target)
+            i += 1
+
+    thread = threading.Thread(target=keep_publishing)
+    thread.start()
+    consistent = 0
+    try:
+        for _ in range(300):
+            try:
+                entries = contents(target, ROOT / "handlers", "onnx", {})
+            except (ValueError, FileNotFoundError):  # refused in one line: fine, never mixed
+                continue
+            recorded = json.loads(entries["meta.json"])["sha256"]
+            assert hashlib.sha256(entries["scaler.json"]).hexdigest() == recorded["scaler.json"]
+            consistent += 1
+    finally:
+        done.set()
+        thread.join()
+    assert consistent > 0
+
+
+def archived(mar) -> dict[str, bytes]:
+    with zipfile.ZipFile(mar) as z:
+        assert z.testzip() is None  # every entry's CRC checks out
+        return {n: z.read(n) for n in z.namelist() if not n.startswith("MAR-INF/")}
+
+
+@pytest.mark.slow
+def test_concurrent_builds_each_leave_exactly_one_builds_archive(artifacts, tmp_path):
+    """torch-model-archiver stages in one folder per model name under /tmp: builds must not share it."""
+    other = tmp_path / "other"
+    shutil.copytree(artifacts, other)
+    (other / "meta.json").write_text((other / "meta.json").read_text().replace('"petr4"', '"other"'))
+    jobs = [(artifacts, "throughput"), (other, "latency"), (artifacts, "latency"), (other, "throughput")]
+    expected = [contents(a, ROOT / "handlers", "onnx", PROFILES[p]) for a, p in jobs]
+    assert len({tuple(sorted(e.items())) for e in expected}) == 4  # four different archives
+    # each build into its own store, and all of them into one shared store, all at the same time
+    stores = [tmp_path / f"own{i}" for i in range(4)] + [tmp_path / "shared"] * 4
+    procs = [subprocess.Popen([sys.executable, "-m", "stockcast.package", str(a), str(store),
+                               "--profile", p], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for store, (a, p) in zip(stores, jobs * 2, strict=True)]
+    outputs = [proc.communicate(timeout=120)[0].decode() for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 8, outputs
+    for i, entries in enumerate(expected):
+        assert archived(tmp_path / f"own{i}" / "lstm.mar") == entries
+    assert archived(tmp_path / "shared" / "lstm.mar") in expected
+    assert [p.name for p in (tmp_path / "shared").iterdir()] == ["lstm.mar"]  # no build left behind

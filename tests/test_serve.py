@@ -33,7 +33,25 @@ def test_without_an_archive_it_says_to_package_first(tmp_path):
 def test_stop_and_status_when_nothing_runs(tmp_path):
     stopped, status = serve("stop", "--home", str(tmp_path)), serve("status", "--home", str(tmp_path))
     assert stopped.returncode == 0 and stopped.stdout.strip() == "TorchServe is not running"
-    assert status.returncode == 1 and status.stderr.strip() == "TorchServe is not running"
+    assert status.returncode == 3 and status.stderr.strip() == "TorchServe is not running"
+    assert not (tmp_path / "lock").exists()  # nothing written where nothing runs
+
+
+def test_make_stop_and_status_agree_with_the_cli_when_nothing_runs(tmp_path):
+    # no venv at all: stop succeeds with the message, status fails with "not running" (3)
+    make = ["make", "-s", f"BIN={tmp_path}/none"]
+    stopped = subprocess.run([*make, "stop"], cwd=ROOT, capture_output=True, text=True)
+    status = subprocess.run([*make, "status"], cwd=ROOT, capture_output=True, text=True)
+    assert (stopped.returncode, stopped.stdout.strip()) == (0, "TorchServe is not running")
+    assert status.returncode == 2 and "Error 3" in status.stderr  # make reports the 3 it got
+
+
+def test_turning_token_auth_off_warns_in_one_line(tmp_path):
+    proc = serve("start", "--no-token-auth", "--home", str(tmp_path / "home"),
+                 "--model-store", str(tmp_path))
+    assert proc.stderr.splitlines()[0] == ("warning: token authorization off: any local process "
+                                           "can change serving state (scale the workers to 0, set "
+                                           "the default version)")
 
 
 def test_render_config_replaces_keys_and_keeps_the_rest(tmp_path):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -43,16 +46,41 @@ def model_config(handlers: Path, overrides: dict) -> bytes:
     return yaml.safe_dump(config, sort_keys=False).encode()
 
 
+def mismatches(entries: dict[str, bytes]) -> list[str]:
+    """Entries whose sha256 differs from the one meta.json records for them."""
+    try:
+        recorded = json.loads(entries["meta.json"])["sha256"]
+    except (ValueError, KeyError, TypeError):
+        return ["meta.json"]
+    return [name for name, data in entries.items()
+            if name in recorded and hashlib.sha256(data).hexdigest() != recorded[name]]
+
+
 def contents(artifacts: Path, handlers: Path, model_format: str, overrides: dict) -> dict[str, bytes]:
-    """Archive entry name -> its bytes."""
+    """Archive entry name -> its bytes, all from one version of `artifacts`."""
     files = {FORMATS[model_format]: artifacts / FORMATS[model_format],
              "scaler.json": artifacts / "scaler.json", "meta.json": artifacts / "meta.json",
              "forecast_handler.py": handlers / "forecast_handler.py"}
-    missing = [str(p) for p in files.values() if not p.exists()]
+    # a training run publishes by swapping the whole folder: files read across a swap come from
+    # two versions, which the sha256s in meta.json reveal; a second read sees the new version whole
+    missing: list[str] = []
+    bad: list[str] = []
+    for _ in range(2):
+        missing = [str(p) for p in files.values() if not p.exists()]
+        if missing:  # not trained, or between the two renames of a publish
+            continue
+        try:
+            entries = {name: path.read_bytes() for name, path in files.items()}
+        except FileNotFoundError as err:  # swapped out between the check and the read
+            bad = [Path(err.filename).name]
+            continue
+        bad = mismatches(entries)
+        if not bad:
+            return {**entries, "model-config.yaml": model_config(handlers, overrides)}
     if missing:
         raise FileNotFoundError(f"missing {', '.join(missing)}; train first (make train)")
-    return {**{name: path.read_bytes() for name, path in files.items()},
-            "model-config.yaml": model_config(handlers, overrides)}
+    raise ValueError(f"{artifacts}: {', '.join(bad)} does not match the sha256 in meta.json "
+                     "(being published by a training run? try again)")
 
 
 def up_to_date(mar: Path, entries: dict[str, bytes]) -> bool:
@@ -74,19 +102,25 @@ def build_archive(artifacts: Path, export_path: Path, handlers: Path = Path("han
     if up_to_date(mar, entries):
         return mar
     mar.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
+    # everything private to this build: the archiver stages in tempfile.gettempdir()/<model name>,
+    # one folder shared by every build on the machine unless TMPDIR points elsewhere
+    with tempfile.TemporaryDirectory(dir=mar.parent, prefix=".build-") as tmp:
+        staged, out = Path(tmp) / "entries", Path(tmp) / "out"
+        staged.mkdir()
+        out.mkdir()
         for name, data in entries.items():  # the archiver takes files: stage exactly the entries
-            (Path(tmp) / name).write_bytes(data)
-        extra = ",".join(str(Path(tmp) / n) for n in ("scaler.json", "meta.json"))
+            (staged / name).write_bytes(data)
+        extra = ",".join(str(staged / n) for n in ("scaler.json", "meta.json"))
         done = subprocess.run([
             archiver(), "--model-name", MODEL_NAME, "--version", version,
-            "--serialized-file", str(Path(tmp) / FORMATS[model_format]),
-            "--handler", str(Path(tmp) / "forecast_handler.py"), "--extra-files", extra,
-            "--config-file", str(Path(tmp) / "model-config.yaml"),
-            "--export-path", str(mar.parent), "--force",
-        ], capture_output=True, text=True)  # its "Overwriting ..." warning is expected noise
-        if done.returncode:
+            "--serialized-file", str(staged / FORMATS[model_format]),
+            "--handler", str(staged / "forecast_handler.py"), "--extra-files", extra,
+            "--config-file", str(staged / "model-config.yaml"), "--export-path", str(out),
+        ], capture_output=True, text=True, env={**os.environ, "TMPDIR": tmp})
+        built = out / mar.name
+        if done.returncode or not up_to_date(built, entries):
             raise RuntimeError(f"torch-model-archiver failed: {done.stderr or done.stdout}")
+        os.replace(built, mar)  # readers see the old archive or the new one, never a mix
     return mar
 
 
@@ -109,7 +143,7 @@ def main() -> None:
         fresh = up_to_date(mar, contents(args.artifacts, Path("handlers"), args.format, overrides))
         build_archive(args.artifacts, args.export_path, version=args.version,
                       model_format=args.format, overrides=overrides)
-    except FileNotFoundError as err:
+    except (OSError, ValueError, RuntimeError) as err:
         sys.exit(f"error: {err}")
     print(f"{mar}: {'up to date with' if fresh else 'built from'} {args.artifacts} "
           f"({args.format}, {args.profile} profile)")
