@@ -38,10 +38,17 @@ def request(method: str, address: str, headers: dict | None = None) -> int:
         return err.code
 
 
-def workers(server) -> list[str]:
-    code, body = get(f"{server.management}/models/lstm", server.headers("management"))
-    assert code == 200, body
-    return [w["status"] for w in json.loads(body)[0]["workers"]]
+def workers(server, settle: float = 30) -> list[str]:
+    """Worker states once none is still starting ("UNLOADING" is TorchServe's word for not
+    running yet: start() returns when the first worker is READY), or after `settle` seconds."""
+    deadline = time.monotonic() + settle
+    while True:
+        code, body = get(f"{server.management}/models/lstm", server.headers("management"))
+        assert code == 200, body
+        states = [w["status"] for w in json.loads(body)[0]["workers"]]
+        if "UNLOADING" not in states or time.monotonic() > deadline:
+            return states
+        time.sleep(0.2)
 
 
 def healthcheck(server) -> subprocess.CompletedProcess:

@@ -246,18 +246,16 @@ def archived_meta(model_store: Path) -> dict:
 def example_request(meta: dict) -> dict:
     """{"history": the last `window` closes of the served ticker's data} up to the end of its
     training data, from the file meta.json names or data/<TICKER>.csv."""
-    import logging
-
     from stockcast.prices import DataError, load_prices
 
-    logging.getLogger("stockcast.prices").setLevel(logging.ERROR)  # training said it, if anything
     window, data = int(meta["window"]), meta.get("data", {})
     root = Path(__file__).resolve().parents[2]  # the checkout, for relative paths from elsewhere
     names = [n for n in (data.get("file"), f"data/{meta.get('ticker')}.csv") if n]
     for csv in [p for n in names for p in (Path(n), root / n)]:
         if csv.is_file():
             try:
-                closes = load_prices(csv)["close"][: data.get("end")].tail(window)
+                frame = load_prices(csv, on_suspicious="ignore")  # training warned, if anything
+                closes = frame["close"][: data.get("end")].tail(window)
             except (DataError, KeyError, ValueError):
                 continue
             if len(closes) == window:
