@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -63,8 +64,13 @@ def test_a_short_run_writes_every_artifact(tmp_path):
         "forecast.png", "meta.json", "metrics.json", "model.onnx", "model.pt", "scaler.json"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"model", "persistence", "rmse_ratio", "ticker", "test_start",
-                            "test_end", "n_test"}
-    assert set(metrics["model"]) == set(metrics["persistence"]) == METRIC_KEYS
+                            "test_end", "n_test",  # the keys before significance, unchanged
+                            "drift", "drift_mean_log_return", "rmse_ratio_drift",
+                            "dm_stat_persistence", "dm_p_persistence", "dm_stat_drift", "dm_p_drift",
+                            "always_up", "direction_p"}
+    assert set(metrics["model"]) == set(metrics["persistence"]) == set(metrics["drift"]) == METRIC_KEYS
+    assert 0 <= metrics["dm_p_persistence"] <= 1 and 0 <= metrics["dm_p_drift"] <= 1
+    assert metrics["rmse_ratio_drift"] == pytest.approx(metrics["model"]["rmse"] / metrics["drift"]["rmse"])
     assert metrics == results["test"] and metrics["ticker"] == "PETR4.SA"
     assert metrics["rmse_ratio"] == pytest.approx(
         metrics["model"]["rmse"] / metrics["persistence"]["rmse"])
@@ -99,6 +105,25 @@ def test_meta_says_what_was_trained_on_when_and_from_which_commit(tmp_path):
     assert val["val_start"] == meta["data"]["target_dates"]["val"][0] < test["test_start"]
     assert (meta["ticker"], meta["window"], meta["horizon"], meta["scaler_file"]) == (
         "PETR4.SA", 60, 1, "scaler.json")  # what the handler reads
+
+
+def test_drift_baseline_takes_the_training_periods_mean_return(tmp_path):
+    # planted: +0.3% a day until 2018-10, then -0.3% a day through val and test
+    walk = random_walk(700, start="2016-01-01", seed=2)
+    returns = np.random.default_rng(2).normal(0, 0.01, 700) + np.where(np.arange(700) < 480, 0.003, -0.003)
+    walk["close"] = 20 * np.exp(np.cumsum(returns))
+    csv = write_flat_csv(tmp_path / "planted.csv", walk)
+    results = train(compose_train(tmp_path, f"data.snapshot={csv}", "data.start=2016-01-01", *TINY))
+    test = results["test"]
+    closes = walk["close"]
+    val_start = json.loads((tmp_path / "artifacts" / "petr4" / "meta.json").read_text())[
+        "data"]["target_dates"]["val"][0]
+    train_mu = np.diff(np.log(closes[closes.index < val_start])).mean()
+    assert test["drift_mean_log_return"] == pytest.approx(train_mu, rel=1e-9) and train_mu > 0.002
+    assert np.diff(np.log(closes[closes.index >= test["test_start"]])).mean() < -0.002
+    # the drift forecast rises every day, as the training period did, although the test split falls
+    assert test["drift"]["directional_accuracy"] == test["always_up"] < 0.45
+    assert results["val"]["drift_mean_log_return"] == test["drift_mean_log_return"]
 
 
 def test_git_state_is_null_outside_a_checkout(tmp_path):
@@ -262,6 +287,12 @@ def test_cli_piped_run_is_quiet_names_artifacts_after_the_ticker_and_logs_the_re
     # stdout is a pipe: no progress bar (a full run printed ~70 KB of it), the result table stays
     assert "\r" not in proc.stdout and "Epoch" not in proc.stdout and len(proc.stdout) < 2000
     assert "test VALE3.SA" in proc.stdout and "rmse_ratio" in proc.stdout
+    # "better" only with DM p < 0.05, whatever the ratio
+    verdicts = re.findall(r"(better than|worse than|no significant difference from) tomorrow = today "
+                          r"\(DM p = ([0-9.e-]+)\)", proc.stdout)
+    assert len(verdicts) == 1 and (verdicts[0][0] == "no significant difference from") == (
+        float(verdicts[0][1]) >= 0.05)
+    assert "the random walk with drift (DM p = " in proc.stdout and "vs always up" in proc.stdout
     log = (tmp_path / "run" / "train.log").read_text()  # Hydra's run log was empty
     assert "test VALE3.SA" in log and "persistence" in log and "val rmse_ratio" in log
 

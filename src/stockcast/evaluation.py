@@ -1,4 +1,5 @@
-"""Test-split errors in price units, for the model and for persistence ("tomorrow = today")."""
+"""Test-split errors in price units for the model and two baselines, persistence ("tomorrow =
+today") and a random walk with the training drift, and whether the differences are significant."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import stats
+
+SIGNIFICANT = 0.05
+BASELINES = {"persistence": "tomorrow = today", "drift": "the random walk with drift"}
 
 
 def errors(forecast: np.ndarray, actual: np.ndarray, last_close: np.ndarray) -> dict[str, float]:
@@ -24,13 +29,73 @@ def errors(forecast: np.ndarray, actual: np.ndarray, last_close: np.ndarray) -> 
     }
 
 
+def persistence_forecast(last_close: np.ndarray, horizon: int) -> np.ndarray:
+    """[N] last closes -> [N, H]: every future close equals the last one."""
+    return np.repeat(last_close[:, None], horizon, axis=1)
+
+
+def drift_forecast(last_close: np.ndarray, horizon: int, drift: float) -> np.ndarray:
+    """[N] last closes -> [N, H] closes of a random walk with drift: last close * exp(h * drift),
+    `drift` the mean daily log return of the training period (never of the evaluated split)."""
+    return last_close[:, None] * np.exp(drift * np.arange(1, horizon + 1))
+
+
+def diebold_mariano(forecast: np.ndarray, baseline: np.ndarray, actual: np.ndarray) -> tuple[float, float]:
+    """Diebold-Mariano test of equal squared-error loss, with the Harvey-Leybourne-Newbold
+    small-sample correction: (statistic, two-sided p). A negative statistic: `forecast` has the
+    lower loss. Arrays are [N] or [N, H].
+
+    With H > 1 the loss of a window is its mean squared error over the H steps (so the test is about
+    the same pooled loss as the RMSE); windows less than H apart share targets, so their loss
+    differences are correlated up to lag H - 1, which the Newey-West variance and HLN factor cover.
+    """
+    def loss(f: np.ndarray) -> np.ndarray:  # [N] squared error per window, mean over its steps
+        return np.mean(np.reshape((f - actual) ** 2, (len(actual), -1)), axis=1)
+
+    d = loss(forecast) - loss(baseline)  # [N]
+    n, h = len(d), (actual.shape[1] if actual.ndim == 2 else 1)
+    hln = (n + 1 - 2 * h + h * (h - 1) / n) / n
+    if n < 2 or hln <= 0 or not np.any(d):
+        return 0.0, 1.0  # no forecasts to compare, or identical losses: no evidence of a difference
+    dev = d - d.mean()
+    gamma = [np.dot(dev[k:], dev[: n - k]) / n for k in range(h)]  # autocovariances, lags 0..h-1
+    var = (gamma[0] + 2 * sum(gamma[1:])) / n
+    if var <= 0:  # Newey-West sums can go negative: fall back to lag 0, as R's forecast::dm.test
+        var = gamma[0] / n
+    if var <= 0:  # every window's difference the same, and not zero: as certain as it gets
+        return float(np.sign(d.mean()) * np.inf), 0.0
+    stat = d.mean() / np.sqrt(var) * np.sqrt(hln)
+    return float(stat), float(2 * stats.t.sf(abs(stat), df=n - 1))
+
+
+def always_up(actual: np.ndarray, last_close: np.ndarray) -> float:
+    """Share of (window, step) pairs whose actual close is above the last close: the directional
+    accuracy of a forecast that always says "up"."""
+    return float(np.mean(actual > last_close[:, None]))
+
+
+def direction_p(forecast: np.ndarray, actual: np.ndarray, last_close: np.ndarray) -> float:
+    """Two-sided binomial p-value of the model's directional accuracy against the always-up rate.
+
+    On the first step only: the binomial test counts independent calls, and with H > 1 a window's
+    later steps share their days with the next windows' earlier ones.
+    """
+    moved = np.sign(actual[:, 0] - last_close)
+    hits = int(np.sum(np.sign(forecast[:, 0] - last_close) == moved))
+    return float(stats.binomtest(hits, len(moved), always_up(actual[:, :1], last_close)).pvalue)
+
+
 def compare(forecast: np.ndarray, actual: np.ndarray, last_close: np.ndarray, dates: pd.DatetimeIndex,
-            ticker: str, split: str = "test") -> dict:
-    """The metrics.json record: model and persistence errors side by side, and their RMSE ratio;
-    the span keys are named for `split` (test_start, test_end, n_test for the test split)."""
-    persistence = np.repeat(last_close[:, None], actual.shape[1], axis=1)
-    model, naive = errors(forecast, actual, last_close), errors(persistence, actual, last_close)
-    return {
+            ticker: str, split: str = "test", *, drift: float) -> dict:
+    """The metrics.json record: model, persistence and drift errors side by side, the RMSE ratios,
+    the DM tests against both baselines and directional accuracy against always-up; `drift` is
+    the training period's mean daily log return. The span keys are named for `split` (test_start,
+    test_end, n_test for the test split)."""
+    horizon = actual.shape[1]
+    baselines = {"persistence": persistence_forecast(last_close, horizon),
+                 "drift": drift_forecast(last_close, horizon, drift)}
+    model, naive = errors(forecast, actual, last_close), errors(baselines["persistence"], actual, last_close)
+    record = {
         "model": model,
         "persistence": naive,
         "rmse_ratio": model["rmse"] / naive["rmse"],
@@ -38,20 +103,56 @@ def compare(forecast: np.ndarray, actual: np.ndarray, last_close: np.ndarray, da
         f"{split}_start": f"{dates[0]:%Y-%m-%d}",
         f"{split}_end": f"{dates[-1]:%Y-%m-%d}",
         f"n_{split}": int(len(actual)),
+        # added with the drift baseline and the tests; the keys above keep their names
+        "drift": errors(baselines["drift"], actual, last_close),
+        "drift_mean_log_return": float(drift),
     }
+    record["rmse_ratio_drift"] = model["rmse"] / record["drift"]["rmse"]
+    for name, f in baselines.items():
+        record[f"dm_stat_{name}"], record[f"dm_p_{name}"] = diebold_mariano(forecast, f, actual)
+    record["always_up"] = always_up(actual, last_close)
+    record["direction_p"] = direction_p(forecast, actual, last_close)
+    return record
+
+
+def fmt_p(p: float) -> str:
+    """0.28, but 0.053 and 0.0012: near and below 0.05 two decimals would round across the line."""
+    return f"{p:.2f}" if p >= 0.1 else f"{p:#.2g}"
+
+
+def verdict(score: float, p: float, what: str, test: str = "DM") -> str:
+    """Three-way wording: `score` < 0 means the model did better than `what` (lower loss)."""
+    if p < SIGNIFICANT and score < 0:
+        return f"better than {what} ({test} p = {fmt_p(p)})"
+    if p < SIGNIFICANT and score > 0:
+        return f"worse than {what} ({test} p = {fmt_p(p)})"
+    return f"no significant difference from {what} ({test} p = {fmt_p(p)})"
 
 
 def table(metrics: dict) -> str:
-    """The metrics as a small text table for the terminal."""
-    rows = [f"{'test ' + metrics['ticker']:<14}{'MAE':>9}{'RMSE':>9}{'MAPE %':>9}{'dir.acc':>9}"]
-    for name in ("model", "persistence"):
+    """The metrics as a small text table for the terminal, with a verdict per baseline."""
+    rows = [f"{'test ' + metrics['ticker']:<14}{'MAE':>9}{'RMSE':>9}{'MAPE %':>9}{'dir.acc':>9}"
+            f"{'ratio':>9}{'DM stat':>9}{'DM p':>7}"]
+    for name in ("model", *BASELINES):
         m = metrics[name]
-        rows.append(f"{name:<14}{m['mae']:>9.4f}{m['rmse']:>9.4f}{m['mape']:>9.3f}"
-                    f"{m['directional_accuracy']:>9.3f}")
-    verdict = "better" if metrics["rmse_ratio"] < 1 else "NOT better"
-    rows.append(f"rmse_ratio {metrics['rmse_ratio']:.4f} (model/persistence: {verdict} than "
-                f"tomorrow = today) on {metrics['n_test']} days {metrics['test_start']}.."
-                f"{metrics['test_end']}")
+        row = (f"{name:<14}{m['mae']:>9.4f}{m['rmse']:>9.4f}{m['mape']:>9.3f}"
+               f"{m['directional_accuracy']:>9.3f}")
+        if name != "model":
+            row += (f"{metrics['model']['rmse'] / m['rmse']:>9.4f}{metrics[f'dm_stat_{name}']:>9.2f}"
+                    f"{fmt_p(metrics[f'dm_p_{name}']):>7}")
+        rows.append(row)
+    rows.append(f"{'always up':<14}{'':>27}{metrics['always_up']:>9.3f}")
+    span = f"{metrics['n_test']} days {metrics['test_start']}..{metrics['test_end']}"
+    rows.append(f"rmse_ratio {metrics['rmse_ratio']:.4f} (model/persistence) on {span}: "
+                + verdict(metrics["dm_stat_persistence"], metrics["dm_p_persistence"],
+                          BASELINES["persistence"]))
+    rows.append(f"rmse_ratio_drift {metrics['rmse_ratio_drift']:.4f} (model/drift): "
+                + verdict(metrics["dm_stat_drift"], metrics["dm_p_drift"], BASELINES["drift"]))
+    accuracy = metrics["model"]["directional_accuracy"]
+    rows.append(f"dir.acc {accuracy:.3f} vs always up {metrics['always_up']:.3f}: "
+                + verdict(metrics["always_up"] - accuracy, metrics["direction_p"], "always up",
+                          test="binomial"))
+    rows.append("ratio: model RMSE / the row's; DM: Diebold-Mariano on squared errors (HLN), two-sided")
     return "\n".join(rows)
 
 

@@ -129,7 +129,9 @@ def train(cfg: DictConfig) -> dict:
     forecaster = type(forecaster).load_from_checkpoint(best, map_location="cpu")
     splits, scaler, ticker = datamodule.splits, datamodule.scaler, datamodule.hparams.ticker
     forecasts = {s: predict(forecaster.net, splits[s], scaler) for s in ("val", "test")}
-    results = {s: compare(f, splits[s].future, splits[s].last_close, splits[s].dates, ticker, split=s)
+    # the drift baseline's mean daily log return: the scaler's, fitted on the training period only
+    results = {s: compare(f, splits[s].future, splits[s].last_close, splits[s].dates, ticker, split=s,
+                          drift=float(scaler.mean_[0]))
                for s, f in forecasts.items()}
 
     artifacts.mkdir(parents=True, exist_ok=True)
