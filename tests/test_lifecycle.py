@@ -273,3 +273,17 @@ def test_a_command_waits_for_the_one_holding_the_lock(tmp_path):
         assert proc.poll() is None  # waiting
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and "waiting for another serve command" in err
+
+
+@pytest.mark.slow
+def test_a_server_whose_record_is_gone_is_still_found(tokened):
+    """server.json deleted (with logs/, say): status and stop find the server by its command line,
+    instead of saying "not running" while it holds the ports."""
+    record = tokened.home / "server.json"
+    saved = record.read_text()
+    record.unlink()
+    try:
+        status = serve("status", "--home", str(tokened.home))
+        assert status.returncode == 0 and f"pid {tokened.pid}" in status.stdout, status.stderr
+    finally:
+        record.write_text(saved)

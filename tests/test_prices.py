@@ -240,10 +240,16 @@ def typo(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def typo_x15(frame: pd.DataFrame) -> pd.DataFrame:
+    frame.loc["2022-02-07", "close"] *= 1.5  # a small typo: it flipped the val verdict unseen
+    return frame
+
+
 @pytest.mark.parametrize(
     ("change", "named"),
     [(unadjusted_split, "2015-07-01 close x0.50 vs the day before, and it stays (an unadjusted split?)"),
-     (typo, "2019-01-28 close 22893.1 is 865x its neighbours")],
+     (typo, "2019-01-28 close 22893.1 is 865x its neighbours"),
+     (typo_x15, "2022-02-07 close 91.9")],
 )
 def test_suspicious_moves_warn_naming_the_date_or_stop_when_asked(tmp_path, caplog, change, named):
     path = vale3_with(tmp_path, change)

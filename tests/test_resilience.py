@@ -222,6 +222,11 @@ def test_hostile_requests_write_nothing_to_the_logs(server):
             assert post(server, body, content_type)[0] == status, name
         time.sleep(0.5)  # the frontend writes worker lines asynchronously
         per_request[name] = (logged() - before) / 20
+    before = logged()
+    for _ in range(20):  # any local process can ask the management API for a new key
+        assert get(f"{server.management}/token?type=inference")[0] == 400
+    time.sleep(0.5)
+    per_request["a key rotation without a key"] = (logged() - before) / 20
     print(f"\nlog bytes per hostile request: {per_request}")
     # before: invalid JSON ~4 KB (a traceback in two logs), the form body ~12 KB of Java trace
     assert max(per_request.values()) < 20, per_request

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import os
 import re
@@ -82,8 +83,24 @@ def free_ports(n: int = len(PORTS)) -> tuple[int, ...]:
     return ports
 
 
-def archive_digest(model_store: Path) -> str:
-    return hashlib.sha256((Path(model_store) / f"{MODEL_NAME}.mar").read_bytes()).hexdigest()
+def archive_digest(model_store: Path, data: bytes | None = None) -> str:
+    """sha256 of what `model_store`/lstm.mar (or its bytes `data`) holds, not of the zip: the
+    archiver stamps MANIFEST.json with the build time, so rebuilding the same artifacts changes
+    the bytes, and a restart for that would drop requests for nothing."""
+    mar = Path(model_store) / f"{MODEL_NAME}.mar"
+    digest = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(io.BytesIO(mar.read_bytes() if data is None else data)) as z:
+            for name in sorted(z.namelist()):
+                entry = z.read(name)
+                if name == "MAR-INF/MANIFEST.json":
+                    manifest = json.loads(entry)
+                    manifest.pop("createdOn", None)
+                    entry = json.dumps(manifest, sort_keys=True).encode()
+                digest.update(name.encode() + b"\0" + hashlib.sha256(entry).digest())
+    except (zipfile.BadZipFile, ValueError, KeyError) as err:
+        raise RuntimeError(f"{mar} is not a readable archive ({err})") from None
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -217,10 +234,10 @@ def busy(ports) -> list[int]:
 
 
 def snapshot(model_store: Path, home: Path) -> Path:
-    """A private copy of `model_store`/lstm.mar in `home`, named by its sha256: what was checked is
-    what is served and recorded, whatever a concurrent `make package` writes meanwhile."""
+    """A private copy of `model_store`/lstm.mar in `home`, named by its content digest: what was
+    checked is what is served and recorded, whatever a concurrent `make package` writes meanwhile."""
     data = (Path(model_store) / f"{MODEL_NAME}.mar").read_bytes()
-    folder = Path(home).resolve() / f"store-{hashlib.sha256(data).hexdigest()[:16]}"
+    folder = Path(home).resolve() / f"store-{archive_digest(model_store, data)[:16]}"
     if not (folder / f"{MODEL_NAME}.mar").exists():
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "partial").write_bytes(data)
@@ -283,9 +300,10 @@ def start(model_store: Path, home: Path, handlers: Path = Path("handlers"), port
         )
     server = Server(home, proc.pid, tuple(ports), started=started_at(proc.pid) or 0)
     # what `running` reads back: which process is ours, the ports, the settings, the archive
-    (home / "server.json").write_text(json.dumps({
+    (home / "server.json.partial").write_text(json.dumps({
         "pid": proc.pid, "started": server.started, "boot_id": boot_id(), "ports": list(ports),
         "token_auth": token_auth, "archive_sha256": archive_digest(store)}))
+    os.replace(home / "server.json.partial", home / "server.json")  # never read half-written
 
     def failure() -> str | None:  # this start's lines of the console log: a worker's load failure
         with open(console_log, "rb") as log:
@@ -337,13 +355,41 @@ def stop(server: Server, timeout: float = 30) -> bool:
     return True
 
 
+def recover(home: Path) -> dict:
+    """The record of a TorchServe started in `home` whose server.json is gone (deleted with logs/,
+    say): found by its command line, which names this home's config, so stop and status still
+    see it. {} if there is none."""
+    home = Path(home).resolve()
+    config = home / "config.properties"
+    needle = f"--ts-config\0{config}\0".encode()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        pid = int(cmdline.parent.name)
+        try:
+            if needle not in cmdline.read_bytes() or os.getpgid(pid) != pid:  # the group's leader
+                continue
+            props = dict(line.split("=", 1) for line in config.read_text().splitlines()
+                         if "=" in line and not line.startswith("#"))
+            ports = [int(props[k].rsplit(":", 1)[1]) for k in
+                     ("inference_address", "management_address", "metrics_address")]
+            ports += [int(props[k]) for k in ("grpc_inference_port", "grpc_management_port")]
+            return {"pid": pid, "started": started_at(pid), "boot_id": boot_id(), "ports": ports,
+                    "token_auth": props.get("disable_token_authorization") != "true",
+                    "archive_sha256": archive_digest(props["model_store"])}
+        except (OSError, KeyError, ValueError, IndexError, RuntimeError):
+            continue
+    return {}
+
+
 def running(home: Path) -> tuple[Server | None, dict]:
     """The server recorded in `home` if it still runs (and is the one recorded), and the record."""
     try:
         record = json.loads((Path(home) / "server.json").read_text())
+    except (OSError, ValueError):
+        record = recover(home)
+    try:
         server = Server(Path(home).resolve(), int(record["pid"]), tuple(record["ports"]),
                         started=int(record.get("started", -1)))
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return None, {}
     same_boot = record.get("boot_id") == boot_id()
     return (server if same_boot and alive(server.pid) and ours(server) else None), record
@@ -423,7 +469,8 @@ def main() -> None:
         print(message, file=sys.stderr)
         sys.exit(code)
 
-    if args.command != "start" and not (args.home / "server.json").exists():
+    never_started = not any((args.home / f).exists() for f in ("server.json", "config.properties"))
+    if args.command != "start" and never_started:
         if args.command == "stop":
             print("TorchServe is not running")
             return
