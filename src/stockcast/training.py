@@ -1,4 +1,5 @@
-"""train(cfg): fit, pick the best val checkpoint, compare with persistence on test, export."""
+"""train(cfg) = fit (best val checkpoint) + evaluate (val and test against the baselines) + export;
+the pieces are shared with the walk-forward backtest."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from sklearn.preprocessing import StandardScaler
 from stockcast.data import FEATURES, StockDataModule, Windows, to_prices
 from stockcast.evaluation import compare, plot, table
 from stockcast.export import export_model, publish, sha256
-from stockcast.model import LSTMNet
+from stockcast.model import LSTMForecaster, LSTMNet
 from stockcast.prices import DataError, ticker_name
 
 log = logging.getLogger(__name__)
@@ -92,8 +93,12 @@ def predict(net: LSTMNet, windows: Windows, scaler: StandardScaler) -> np.ndarra
     return to_prices(windows.last_close, returns)
 
 
-def train(cfg: DictConfig) -> dict:
-    """Run one experiment; return {"test": metrics.json record, "val": the same on val}."""
+class NoCheckpoint(RunError):
+    """fit() ended without a val-best checkpoint (max_epochs=0, fast_dev_run, interrupted)."""
+
+
+def run_name(cfg: DictConfig) -> str:
+    """cfg.name, checked to be a plain folder name: it names artifacts/<name>."""
     try:
         name = str(cfg.name)
     except OmegaConfBaseException as err:  # e.g. ${ticker_name:${data.ticker}} without a ticker
@@ -101,12 +106,20 @@ def train(cfg: DictConfig) -> dict:
     if not NAME.fullmatch(name):
         raise RunError(f"name {name!r} must be a plain folder name (letters, digits, . _ = -), "
                        "it names artifacts/<name>")
-    output_dir = Path(cfg.paths.output_dir)
-    artifacts = Path(cfg.paths.artifacts_dir)
+    return name
+
+
+def load_data(cfg: DictConfig) -> StockDataModule:
+    """cfg.data built, downloaded (or the snapshot found) and split into windows."""
     datamodule: StockDataModule = build(cfg, "data")
     datamodule.prepare_data()
     datamodule.setup()
-    data_sha256 = sha256(datamodule.path)  # of the file as it was read, not as it may be later
+    return datamodule
+
+
+def fit(cfg: DictConfig, datamodule: StockDataModule) -> tuple[LSTMForecaster, str]:
+    """Train cfg.model on the datamodule's train split with early stopping on its val split;
+    return the val-best checkpoint's model and that checkpoint's path (under cfg.paths.output_dir)."""
     L.seed_everything(cfg.seed, workers=True)  # after the data (which draws no random numbers)
     forecaster = build(cfg, "model")
     callbacks = [build(cfg, f"callbacks.{key}") for key in cfg.get("callbacks") or {}]
@@ -114,7 +127,7 @@ def train(cfg: DictConfig) -> dict:
     # a progress bar redraws in place on a terminal; piped, every redraw stays (~70 KB per run)
     bar = cfg.trainer.get("enable_progress_bar")
     trainer: L.Trainer = build(cfg, "trainer", callbacks=callbacks, logger=loggers,
-                               default_root_dir=str(output_dir),
+                               default_root_dir=str(cfg.paths.output_dir),
                                enable_progress_bar=sys.stdout.isatty() if bar is None else bar)
     trainer.fit(forecaster, datamodule=datamodule)
 
@@ -122,28 +135,40 @@ def train(cfg: DictConfig) -> dict:
     if not best or trainer.interrupted:
         # evaluating the untrained network would report persistence plus drift as a result
         how = "fast_dev_run, " if trainer.fast_dev_run else "interrupted, " if trainer.interrupted else ""
-        raise RunError(f"the run saved no checkpoint ({how}epochs: {trainer.current_epoch}, "
-                       f"steps: {trainer.global_step}): nothing to evaluate or publish, "
-                       f"{artifacts / name} is left as it was")
+        raise NoCheckpoint(f"the run saved no checkpoint ({how}epochs: {trainer.current_epoch}, "
+                           f"steps: {trainer.global_step})")
     # the val-best epoch, not the last one, is what gets evaluated and exported
-    forecaster = type(forecaster).load_from_checkpoint(best, map_location="cpu")
-    splits, scaler, ticker = datamodule.splits, datamodule.scaler, datamodule.hparams.ticker
-    forecasts = {s: predict(forecaster.net, splits[s], scaler) for s in ("val", "test")}
+    return type(forecaster).load_from_checkpoint(best, map_location="cpu"), best
+
+
+def evaluate(forecaster: LSTMForecaster, datamodule: StockDataModule,
+             splits: tuple[str, ...] = ("val", "test")) -> tuple[dict, dict]:
+    """({split: [N, H] forecast closes}, {split: compare() record}) for the named splits."""
+    windows, scaler, ticker = datamodule.splits, datamodule.scaler, datamodule.hparams.ticker
+    forecasts = {s: predict(forecaster.net, windows[s], scaler) for s in splits}
     # the drift baseline's mean daily log return: the scaler's, fitted on the training period only
-    results = {s: compare(f, splits[s].future, splits[s].last_close, splits[s].dates, ticker, split=s,
+    results = {s: compare(f, windows[s].future, windows[s].last_close, windows[s].dates, ticker, split=s,
                           drift=float(scaler.mean_[0]))
                for s, f in forecasts.items()}
+    return forecasts, results
 
+
+def export(cfg: DictConfig, name: str, datamodule: StockDataModule, forecaster: LSTMForecaster,
+           checkpoint: str, forecasts: dict, results: dict, data_sha256: str) -> Path:
+    """Write model, scaler, meta, metrics.json and forecast.png to the run folder and publish them
+    whole as artifacts/<name>; return that folder."""
+    output_dir = Path(cfg.paths.output_dir)
+    artifacts = Path(cfg.paths.artifacts_dir)
     artifacts.mkdir(parents=True, exist_ok=True)
     staging = artifacts / f".{name}.tmp-{os.getpid()}"  # built aside, then swapped in whole
     shutil.rmtree(staging, ignore_errors=True)
-    hp = datamodule.hparams
+    hp, splits = datamodule.hparams, datamodule.splits
     root = Path(cfg.paths.root)
     commit, dirty = git_state(root)
     target_dates = {s: [f"{w.dates[0]:%Y-%m-%d}", f"{w.dates[-1]:%Y-%m-%d}"] for s, w in splits.items()}
     try:
-        export_model(forecaster.net, staging, scaler, FEATURES, meta={
-            "name": name, "ticker": ticker, "window": hp.window, "horizon": hp.horizon,
+        export_model(forecaster.net, staging, datamodule.scaler, FEATURES, meta={
+            "name": name, "ticker": hp.ticker, "window": hp.window, "horizon": hp.horizon,
             # paths relative to the project root (paths.root); the checkpoint relative to run_dir
             "data": {"file": relative(datamodule.path, root), "sha256": data_sha256,
                      "start": hp.start, "end": hp.end, "target_dates": target_dates},
@@ -152,7 +177,7 @@ def train(cfg: DictConfig) -> dict:
             "git_dirty": dirty,
             "seed": cfg.seed,
             "run_dir": relative(output_dir, root),
-            "checkpoint": relative(best, output_dir),
+            "checkpoint": relative(checkpoint, output_dir),
             "metrics": results,
             "config": OmegaConf.to_container(cfg.model, resolve=True),
         })
@@ -164,9 +189,25 @@ def train(cfg: DictConfig) -> dict:
         publish(staging, artifacts / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone after publish; a leftover after a failure
+    return artifacts / name
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run one experiment: fit, evaluate, export; return {"test": metrics.json record, "val": the
+    same on val}."""
+    name = run_name(cfg)
+    datamodule = load_data(cfg)
+    data_sha256 = sha256(datamodule.path)  # of the file as it was read, not as it may be later
+    try:
+        forecaster, checkpoint = fit(cfg, datamodule)
+    except NoCheckpoint as err:
+        raise RunError(f"{err}: nothing to evaluate or publish, "
+                       f"{Path(cfg.paths.artifacts_dir) / name} is left as it was") from None
+    forecasts, results = evaluate(forecaster, datamodule)
+    published = export(cfg, name, datamodule, forecaster, checkpoint, forecasts, results, data_sha256)
 
     # logged, not printed: Hydra writes these to the console and to <run folder>/train.log
     log.info(table(results["test"]))
     log.info(f"val rmse_ratio {results['val']['rmse_ratio']:.4f} (the split used for choices)")
-    log.info(f"artifacts: {artifacts / name}  (run folder: {output_dir})")
+    log.info(f"artifacts: {published}  (run folder: {cfg.paths.output_dir})")
     return results

@@ -1,0 +1,229 @@
+"""Walk-forward backtest: retrain at every origin on the history before it, forecast each day up to
+the next origin, and pool the errors against persistence and drift (darts' historical_forecasts,
+neuralforecast's cross_validation)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from stockcast.data import StockDataModule, make_windows
+from stockcast.evaluation import (
+    BASELINES,
+    always_up,
+    diebold_mariano,
+    direction_p,
+    drift_forecast,
+    errors,
+    persistence_forecast,
+    table,
+)
+from stockcast.prices import DataError, load_prices
+from stockcast.training import NoCheckpoint, RunError, build, fit, predict, run_name
+
+log = logging.getLogger(__name__)
+COLUMNS = ["fold", "origin", "target_date", "step", "last_close", "actual", "model", "persistence", "drift"]
+
+
+@dataclass(frozen=True)
+class Fold:
+    """Rows are positions in the price frame: train and val targets < origin <= test targets < end."""
+
+    index: int
+    val_start: int  # first early-stopping target; everything before it trains
+    origin: int  # first forecast target
+    end: int  # one past the last forecast target (the next origin, or the end of the data)
+
+
+def folds(dates: pd.DatetimeIndex, window: int, horizon: int, start: str, step: int,
+          val: float) -> list[Fold]:
+    """Origins every `step` rows from the first date >= `start`; each fold's val split is the last
+    `val` fraction of the targets before its origin."""
+    if step < 1 or not 0 < val < 1:
+        raise DataError(f"backtest.step must be >= 1 and backtest.val in (0, 1) (got {step}, {val})")
+    first = int(dates.searchsorted(pd.Timestamp(start)))
+    last = len(dates) - horizon  # the last origin whose H targets are all in the data
+    if first > last:
+        raise DataError(f"backtest.start {start} leaves no target to forecast: the data ends "
+                        f"{dates[-1]:%Y-%m-%d} (horizon {horizon})")
+    out = []
+    for i, origin in enumerate(range(first, last + 1, step)):
+        n_val = max(1, round((origin - window) * val))
+        out.append(Fold(i, origin - n_val, origin, min(origin + step, last + 1)))
+    if out[0].val_start - window < 2:  # make_windows needs two training windows at the least
+        raise DataError(f"backtest.start {start} leaves {max(first - window, 0)} targets before the first "
+                        f"origin {dates[first]:%Y-%m-%d}: too few to train on (window {window})")
+    return out
+
+
+def run_fold(cfg: DictConfig, frame: pd.DataFrame, fold: Fold, path: str) -> pd.DataFrame:
+    """Train on the rows before fold.origin and forecast its targets: COLUMNS, one row per
+    (target date, step). Runs in a worker process with one torch thread."""
+    import torch
+
+    torch.set_num_threads(1)  # one fold per core: more threads per fold only fight each other
+    for name in ("lightning.pytorch", "lightning.fabric"):  # "GPU available", "Seed set": per fold noise
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module="lightning")  # the same few hints once per fold
+    datamodule: StockDataModule = build(cfg, "data")
+    hp = datamodule.hparams
+    # the fold's frame ends with its last target's close: nothing after it exists for this fold
+    part = frame.iloc[: fold.end + hp.horizon - 1]
+    val, origin = (f"{part.index[i]:%Y-%m-%d}" for i in (fold.val_start, fold.origin))
+    datamodule.path = Path(path)  # found once by the parent: no second download
+    datamodule.splits, datamodule.scaler = make_windows(part, hp.window, hp.horizon, val, origin,
+                                                        name=f"{path} (fold {fold.index}, origin {origin})")
+    windows = datamodule.splits
+    # the invariant the backtest rests on: no training or early-stopping target at or after the origin
+    assert windows["val"].dates[-1] < windows["test"].dates[0] == part.index[fold.origin]
+    try:
+        forecaster, _ = fit(cfg, datamodule)
+    except NoCheckpoint as err:
+        raise RunError(f"fold {fold.index} (origin {origin}): {err}: nothing to forecast") from None
+    test, scaler = windows["test"], datamodule.scaler
+    horizon = hp.horizon
+    forecasts = {"model": predict(forecaster.net, test, scaler),
+                 "persistence": persistence_forecast(test.last_close, horizon),
+                 # the drift of this fold's training period, as the scaler (and train.py) sees it
+                 "drift": drift_forecast(test.last_close, horizon, float(scaler.mean_[0]))}
+    n = len(test)
+    target = np.arange(n)[:, None] + np.arange(horizon)  # [N, H] row of each target, from the origin
+    return pd.DataFrame({
+        "fold": fold.index,
+        "origin": part.index[fold.origin],
+        "target_date": part.index[fold.origin + target.ravel()],
+        "step": np.tile(np.arange(1, horizon + 1), n),
+        "last_close": np.repeat(test.last_close, horizon),
+        "actual": test.future.ravel(),
+        **{k: f.ravel() for k, f in forecasts.items()},
+    })[COLUMNS]
+
+
+def pooled(rows: pd.DataFrame, ticker: str) -> dict:
+    """The report over every fold's forecasts, in compare()'s keys, plus per-fold ratios."""
+    horizon = int(rows["step"].max())
+
+    def wide(column: str) -> np.ndarray:  # [N, H], one row per forecast window
+        return rows[column].to_numpy().reshape(-1, horizon)
+
+    actual, last_close = wide("actual"), wide("last_close")[:, 0]
+    forecasts = {k: wide(k) for k in ("model", *BASELINES)}
+    record = {k: errors(f, actual, last_close) for k, f in forecasts.items()}
+    first = rows[rows["step"] == 1]
+    record.update({
+        "ticker": ticker, "n_test": len(actual),
+        "test_start": f"{first['target_date'].iloc[0]:%Y-%m-%d}",
+        "test_end": f"{first['target_date'].iloc[-1]:%Y-%m-%d}",
+        "rmse_ratio": record["model"]["rmse"] / record["persistence"]["rmse"],
+        "rmse_ratio_drift": record["model"]["rmse"] / record["drift"]["rmse"],
+        "mae_ratio": record["model"]["mae"] / record["persistence"]["mae"],
+        "mae_ratio_drift": record["model"]["mae"] / record["drift"]["mae"],
+        "always_up": always_up(actual, last_close),
+        "direction_p": direction_p(forecasts["model"], actual, last_close),
+    })
+    for name in BASELINES:
+        record[f"dm_stat_{name}"], record[f"dm_p_{name}"] = diebold_mariano(
+            forecasts["model"], forecasts[name], actual)
+
+    def rmse(g: pd.DataFrame, column: str) -> float:
+        return float(np.sqrt(np.mean((g[column] - g["actual"]) ** 2)))
+
+    record["folds"] = [
+        {"fold": int(i), "origin": f"{g['origin'].iloc[0]:%Y-%m-%d}",
+         "first_target": f"{g['target_date'].min():%Y-%m-%d}",
+         "last_target": f"{g['target_date'].max():%Y-%m-%d}", "n": int((g["step"] == 1).sum()),
+         "rmse_ratio": rmse(g, "model") / rmse(g, "persistence"),
+         "rmse_ratio_drift": rmse(g, "model") / rmse(g, "drift")}
+        for i, g in rows.groupby("fold")
+    ]
+    return record
+
+
+def plot_backtest(path: Path, rows: pd.DataFrame, record: dict) -> None:
+    """Cumulative (model - persistence) squared error over the target dates (falling: the model
+    helps), and each fold's RMSE ratios."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = rows[rows["step"] == 1]
+    fig, axes = plt.subplots(2, 1, figsize=(11, 7))
+    for name, color in (("persistence", "tab:orange"), ("drift", "tab:green")):
+        gap = (first["model"] - first["actual"]) ** 2 - (first[name] - first["actual"]) ** 2
+        axes[0].plot(first["target_date"], gap.cumsum(), color=color, label=f"model - {name}")
+    for origin in first.groupby("fold")["target_date"].min():
+        axes[0].axvline(origin, color="lightgray", lw=0.6)
+    axes[0].axhline(0, color="black", lw=0.8)
+    axes[0].set_ylabel("cumulative squared-error difference")
+    axes[0].set_title(f"{record['ticker']} walk-forward, step 1: below 0 the model helped "
+                      f"(RMSE ratio {record['rmse_ratio']:.4f}, DM p {record['dm_p_persistence']:.2f})")
+    axes[0].legend(loc="upper left")
+    per_fold = pd.DataFrame(record["folds"])
+    x = np.arange(len(per_fold))
+    axes[1].bar(x - 0.2, per_fold["rmse_ratio"], 0.4, color="tab:orange", label="vs persistence")
+    axes[1].bar(x + 0.2, per_fold["rmse_ratio_drift"], 0.4, color="tab:green", label="vs drift")
+    axes[1].axhline(1, color="black", lw=0.8)
+    low, high = per_fold[["rmse_ratio", "rmse_ratio_drift"]].stack().agg(["min", "max"])
+    axes[1].set_ylim(min(low, 0.99) - 0.005, max(high, 1.01) + 0.005)
+    axes[1].set_xticks(x, per_fold["origin"], rotation=60, fontsize=7)
+    axes[1].set_ylabel("model RMSE / baseline's")
+    axes[1].set_title("per fold (origin date): below 1 the model was better", fontsize=10)
+    axes[1].legend(loc="upper left", fontsize=8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def backtest(cfg: DictConfig) -> dict:
+    """Run every fold (in parallel), write backtest.csv/json/png to the run folder and
+    backtest.out_dir; return the backtest.json record."""
+    from joblib import Parallel, delayed
+
+    started = time.perf_counter()
+    name = run_name(cfg)
+    datamodule: StockDataModule = build(cfg, "data")
+    datamodule.prepare_data()
+    hp = datamodule.hparams
+    frame = load_prices(datamodule.path, on_suspicious=hp.on_suspicious)
+    frame = frame.loc[pd.Timestamp(hp.start) : pd.Timestamp(hp.end)]
+    bt = cfg.backtest
+    plan = folds(frame.index, hp.window, hp.horizon, str(bt.start), int(bt.step), float(bt.val))
+    output_dir = Path(cfg.paths.output_dir)
+    jobs = []
+    for fold in plan:
+        fold_cfg = cfg.copy()
+        with open_dict(fold_cfg):
+            fold_cfg.paths.output_dir = str(output_dir / "folds" / f"{fold.index:03d}")
+            fold_cfg.seed = int(cfg.seed) + fold.index  # deterministic, and not one seed for all
+            fold_cfg.trainer.enable_progress_bar = False  # workers' bars interleave
+        OmegaConf.resolve(fold_cfg)  # here: ${hydra:...} and ${now:} do not resolve in a worker
+        jobs.append(delayed(run_fold)(fold_cfg, frame, fold, str(datamodule.path)))
+    log.info(f"{name}: {len(plan)} folds, origins {frame.index[plan[0].origin]:%Y-%m-%d} .. "
+             f"{frame.index[plan[-1].origin]:%Y-%m-%d} every {bt.step} trading days")
+    rows = pd.concat(Parallel(n_jobs=int(bt.n_jobs))(jobs), ignore_index=True)
+
+    record = pooled(rows, hp.ticker)
+    record.update({"window": hp.window, "horizon": hp.horizon, "step": int(bt.step),
+                   "val": float(bt.val), "data_end": f"{frame.index[-1]:%Y-%m-%d}",
+                   "wall_time_s": round(time.perf_counter() - started, 1)})
+    for out in (output_dir, Path(bt.out_dir)):
+        out.mkdir(parents=True, exist_ok=True)
+        rows.to_csv(out / "backtest.csv", index=False, float_format="%.6f", date_format="%Y-%m-%d")
+        (out / "backtest.json").write_text(json.dumps(record, indent=2))
+        plot_backtest(out / "backtest.png", rows, record)
+    log.info(f"walk-forward {hp.ticker}: {len(plan)} folds, horizon {hp.horizon}, "
+             f"{record['wall_time_s']:.0f} s")
+    log.info(table(record))
+    log.info(f"backtest: {Path(bt.out_dir)}  (run folder: {output_dir})")
+    return record
