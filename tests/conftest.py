@@ -15,7 +15,21 @@ from omegaconf import DictConfig, open_dict
 import stockcast.training  # noqa: F401  registers ${ticker_name:}, which configs/train.yaml uses
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["trainer.max_epochs=2", "+trainer.limit_train_batches=4", "~logger"]  # a few seconds
+# the gate wants a walk-forward backtest of the same config; tests of training and serving force
+# past it (test_registry.py tests the gate itself)
+FORCE = "gate.force=tests-of-training-and-serving"  # (and so no backtest run by the gate)
+NO_BACKTEST = "gate.backtest=never"  # a refused run stays quick
+QUICK = ["trainer.max_epochs=2", "+trainer.limit_train_batches=4", "~logger", FORCE]  # a few seconds
+
+
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory) -> str:
+    """Every MLflow run and registered version of the tests lands in a temporary store."""
+    import os
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlruns.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    return uri
 
 
 def compose_train(tmp_path: Path, *overrides: str) -> DictConfig:

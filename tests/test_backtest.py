@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -172,7 +173,10 @@ def test_cli_runs_end_to_end_and_prints_the_verdicts(tmp_path):
 @pytest.mark.parametrize(("override", "message"), [
     ("backtest.start=2030-01-01", "error: backtest.start 2030-01-01 leaves no target to forecast"),
     ("backtest.step=0", "error: backtest.step must be >= 1"),
-    ("trainer.max_epochs=0", "error: fold 0 (origin 2019-10-08): the run saved no checkpoint"),
+    ("backtest.until=2021-13-45", r"error: backtest.until must be a date \(YYYY-MM-DD\) or null, "
+                                  r"not '2021-13-45'"),
+    # folds run in parallel: whichever fails first is reported
+    ("trainer.max_epochs=0", r"error: fold \d \(origin 2019-\d\d-\d\d\): the run saved no checkpoint"),
 ])
 def test_cli_errors_are_one_line(tmp_path, override, message):
     csv = series(tmp_path)
@@ -180,6 +184,48 @@ def test_cli_errors_are_one_line(tmp_path, override, message):
                    f"paths.artifacts_dir={tmp_path / 'a'}", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(message), proc.stderr[-2000:]
+    assert len(errors) == 1 and re.match(message, errors[0]), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "a").exists()
+
+
+def backtest_main():
+    """backtest.py's main without Hydra's command line: what a sweeper gets back from a trial."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("backtest_script", ROOT / "backtest.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script.main.__wrapped__
+
+
+def test_until_ends_the_folds_and_main_returns_the_json_objective(tmp_path):
+    # series(): origins at rows 200, 230, 260, 290 without until; until = row 265's date
+    csv = series(tmp_path)
+    dates = load_prices(csv).index
+    until = f"{dates[265]:%Y-%m-%d}"
+    cfg = compose_backtest(tmp_path, csv, "backtest.n_jobs=1", f"backtest.until={until}")
+    objective = backtest_main()(cfg)
+    saved = json.loads((tmp_path / "run" / "backtest.json").read_text())
+    rows = pd.read_csv(tmp_path / "run" / "backtest.csv", parse_dates=["origin", "target_date"])
+    assert [f["origin"] for f in saved["folds"]] == [f"{dates[i]:%Y-%m-%d}" for i in (200, 230, 260)]
+    assert rows["origin"].max() <= pd.Timestamp(until) and rows["target_date"].max() == pd.Timestamp(until)
+    assert saved["until"] == until and saved["data_end"] == until
+    # the sweeper minimises the worse of the two ratios over these folds, as backtest.json says
+    assert objective == saved["objective"] == max(saved["rmse_ratio"], saved["rmse_ratio_drift"])
+
+
+def test_a_seed_ensemble_averages_its_members_forecast_returns(tmp_path):
+    csv = series(tmp_path)
+    frame = load_prices(csv)
+    fold = Fold(index=0, val_start=200, origin=230, end=260)
+
+    def forecast(*overrides: str) -> np.ndarray:
+        cfg = compose_backtest(tmp_path, csv, *overrides)
+        OmegaConf.resolve(cfg)
+        return run_fold(cfg, frame, fold, str(csv))["model"].to_numpy()
+
+    first, second = forecast("seed=42"), forecast("seed=1042")  # member k trains with seed + 1000 k
+    both = forecast("seed=42", "backtest.seeds=2")
+    assert not np.allclose(first, second, rtol=1e-6)
+    np.testing.assert_allclose(both, np.sqrt(first * second), rtol=1e-6)

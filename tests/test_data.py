@@ -108,3 +108,28 @@ def test_on_suspicious_error_stops_setup_and_warn_goes_on(tmp_path, caplog):
     assert lenient.splits["test"] and "suspicious data" in caplog.text
     with pytest.raises(DataError, match="data.on_suspicious must be warn or error, not 'ignore'"):
         StockDataModule(on_suspicious="ignore", **kwargs)
+
+
+@pytest.mark.parametrize("center", [0.0, 0.5, 1.0])
+def test_center_sets_how_much_training_drift_is_added_back(walk, center):
+    from stockcast.model import LSTMNet
+    from stockcast.training import predict
+
+    splits, scaler = make_windows(walk, window=60, horizon=3, val=0.1, test=0.2, center=center)
+    _, full = make_windows(walk, window=60, horizon=3, val=0.1, test=0.2)
+    mean = full.mean_[0]
+    assert mean != 0 and scaler.train_mean_[0] == pytest.approx(mean, rel=1e-12)  # the drift baseline's
+    assert scaler.mean_[0] == pytest.approx(center * mean, rel=1e-12, abs=0)
+    assert scaler.scale_[0] == full.scale_[0]
+    t = splits["test"]  # the targets still invert to the actual closes with the contract's formula
+    returns = t.targets.astype(np.float64) * scaler.scale_[0] + scaler.mean_[0]
+    np.testing.assert_allclose(to_prices(t.last_close, returns), t.future, rtol=1e-5)
+    # the untrained network (its head starts at zero) forecasts persistence times center * drift
+    forecast = predict(LSTMNet(horizon=3), t, scaler)
+    np.testing.assert_allclose(forecast, t.last_close[:, None] * np.exp(center * mean * np.arange(1, 4)),
+                               rtol=1e-9)
+
+
+def test_center_outside_0_1_is_a_clear_error():
+    with pytest.raises(DataError, match=r"data.center must be in \[0, 1\].*got 1.5"):
+        StockDataModule(center=1.5)

@@ -10,11 +10,18 @@ import pytest
 from scipy import stats
 
 from stockcast.evaluation import (
+    LEVELS,
     always_up,
     compare,
+    compare_intervals,
     diebold_mariano,
     direction_p,
+    dm_test,
     drift_forecast,
+    ewma_quantiles,
+    ewma_sigma,
+    historical_quantiles,
+    interval_scores,
     persistence_forecast,
     table,
 )
@@ -162,3 +169,62 @@ def test_table_shows_drift_and_direction_against_always_up():
     assert m["model"]["directional_accuracy"] == m["always_up"] and m["direction_p"] == 1.0
     assert (f"dir.acc {m['always_up']:.3f} vs always up {m['always_up']:.3f}: no significant "
             "difference from always up (binomial p = 1.00)") in lines
+
+
+# ---- intervals ----
+
+def test_ewma_sigma_is_the_riskmetrics_recursion():
+    r = np.array([[0.01, -0.02, 0.03]])
+    var = np.mean(r**2)
+    for x in r[0]:
+        var = 0.94 * var + 0.06 * x**2
+    assert ewma_sigma(r)[0] == pytest.approx(np.sqrt(var), rel=1e-12)
+
+
+def test_interval_score_and_pinball_by_hand():
+    # one window, last close 100, actual 103; quantiles 95, 98, 100, 102, 104 (levels LEVELS)
+    q = np.array([[[95.0, 98.0, 100.0, 102.0, 104.0]]])
+    out = interval_scores(q, np.array([[103.0]]), np.array([100.0]))
+    assert out["covered_80"][0] == 0 and out["covered_95"][0] == 1
+    assert out["width_80"][0] == pytest.approx(4.0) and out["width_95"][0] == pytest.approx(9.0)
+    assert out["score_80"][0] == pytest.approx(4.0 + 2 / 0.2 * 1.0)  # 1 point above the 90% quantile
+    assert out["score_95"][0] == pytest.approx(9.0)
+    misses = 103 - q[0, 0]
+    tau = np.array(LEVELS)
+    assert out["pinball"][0] == pytest.approx(np.mean(np.maximum(tau * misses, (tau - 1) * misses)))
+
+
+def test_ewma_intervals_cover_at_their_nominal_rate_on_a_series_with_known_volatility():
+    # returns with volatility that switches between 1% and 3% every 250 days: EWMA adapts
+    rng = np.random.default_rng(0)
+    sigma = np.where((np.arange(6000) // 250) % 2 == 0, 0.01, 0.03)
+    close = 30 * np.exp(np.cumsum(rng.normal(0, sigma)))
+    window = 60
+    idx = np.arange(window, len(close))
+    returns = np.diff(np.log(close))[idx[:, None] - window + np.arange(window - 1)]
+    last, actual = close[idx - 1], close[idx][:, None]
+    record = compare_intervals({"ewma": ewma_quantiles(last, returns, 1),
+                                "historical": historical_quantiles(last, returns, 1)}, actual, last)
+    assert record["ewma"]["coverage_80"] == pytest.approx(0.80, abs=0.02)
+    assert record["ewma"]["coverage_95"] == pytest.approx(0.95, abs=0.015)
+    assert record["historical"]["score_95_ratio_ewma"] > 1.0  # slower to adapt to the switches
+    assert "score_95_ratio_ewma" not in record["ewma"]
+
+
+def test_a_method_identical_to_the_reference_has_ratio_one_and_no_significant_difference():
+    rng = np.random.default_rng(1)
+    last = 30 * np.exp(rng.normal(0, 0.1, 300))
+    returns = rng.normal(0, 0.02, (300, 59))
+    actual = last[:, None] * np.exp(rng.normal(0, 0.02, (300, 2)))
+    q = ewma_quantiles(last, returns, 2)
+    record = compare_intervals({"ewma": q, "model": q.copy()}, actual, last)
+    assert record["model"]["score_80_ratio_ewma"] == 1.0 and record["model"]["score_80_dm_p_ewma"] == 1.0
+    # horizon 2: the 2-step interval is sqrt(2) wider than the 1-step one
+    assert q[:, 1, 4] / q[:, 0, 4] == pytest.approx(np.exp(stats.norm.ppf(0.975) * ewma_sigma(returns)
+                                                           * (np.sqrt(2) - 1)))
+
+
+def test_dm_test_on_losses_matches_diebold_mariano_on_squared_errors():
+    rng = np.random.default_rng(2)
+    actual, a, b = rng.normal(size=(3, 200, 1))
+    assert dm_test(((a - actual) ** 2)[:, 0], ((b - actual) ** 2)[:, 0]) == diebold_mariano(a, b, actual)

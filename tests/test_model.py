@@ -52,3 +52,15 @@ def test_an_unknown_loss_is_a_clear_error():
     with pytest.raises(ValueError, match="loss must be huber or mse, not 'mae'"):
         LSTMForecaster(loss="mae")
     assert isinstance(LSTMForecaster(loss="mse").loss, torch.nn.MSELoss)
+
+
+def test_dropout_acts_on_the_last_hidden_state_even_with_one_layer():
+    # nn.LSTM applies dropout only between layers: with one layer model.dropout used to do nothing
+    torch.manual_seed(0)
+    net = LSTMNet(hidden_size=16, num_layers=1, dropout=0.5)
+    torch.nn.init.normal_(net.head.weight, std=0.5)
+    x = torch.randn(8, 59, 1)
+    net.train()
+    assert not torch.allclose(net(x), net(x))  # a fresh mask on every pass while training
+    net.eval()
+    assert torch.equal(net(x), net(x))  # and none when forecasting (and so in the exports)

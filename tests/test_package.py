@@ -111,3 +111,14 @@ def test_concurrent_builds_each_leave_exactly_one_builds_archive(artifacts, tmp_
         assert archived(tmp_path / f"own{i}" / "lstm.mar") == entries
     assert archived(tmp_path / "shared" / "lstm.mar") in expected
     assert [p.name for p in (tmp_path / "shared").iterdir()] == ["lstm.mar"]  # no build left behind
+
+
+def test_an_export_from_before_the_registry_is_not_archived(artifacts, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(artifacts, old)
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["version"]  # what train.py wrote before versions and the gate
+    (old / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="is not a registered version"):
+        build_archive(old, tmp_path / "store", handlers=ROOT / "handlers")
+    assert not (tmp_path / "store" / "lstm.mar").exists()

@@ -13,7 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import QUICK, ROOT, compose_train, forecast_from_export, random_walk, write_flat_csv
+from conftest import (
+    FORCE,
+    NO_BACKTEST,
+    QUICK,
+    ROOT,
+    compose_train,
+    forecast_from_export,
+    random_walk,
+    write_flat_csv,
+)
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
@@ -25,7 +34,7 @@ from stockcast.training import RunError, git_state, train
 METRIC_KEYS = {"mae", "rmse", "mape", "directional_accuracy"}
 # the quickest run that still trains and saves a checkpoint (fast_dev_run saves none)
 TINY = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=2",
-        "~logger"]
+        "~logger", FORCE]
 
 
 def strings(tree) -> list[str]:
@@ -80,7 +89,8 @@ def test_a_short_run_writes_every_artifact(tmp_path):
     assert meta["versions"]["torch"].startswith("2.") and meta["versions"]["onnxruntime"]
     assert meta["sha256"] == {n: sha256(out / n) for n in ("model.pt", "model.onnx", "scaler.json")}
     assert (tmp_path / "run" / "artifacts" / "metrics.json").exists()  # the run folder's copy
-    assert not [p for p in (tmp_path / "artifacts").iterdir() if p.name.startswith(".")]
+    # no leftovers of the staged publish (the registry's lock file stays, as serve's does)
+    assert [p.name for p in (tmp_path / "artifacts").iterdir() if p.name.startswith(".")] == [".petr4.lock"]
 
 
 def test_meta_says_what_was_trained_on_when_and_from_which_commit(tmp_path):
@@ -90,7 +100,8 @@ def test_meta_says_what_was_trained_on_when_and_from_which_commit(tmp_path):
     assert not [s for s in strings(meta) if s.startswith("/") or str(tmp_path) in s]
     assert meta["data"]["file"] == "data/PETR4.SA.csv"  # relative to paths.root
     assert meta["data"]["sha256"] == sha256(ROOT / "data" / "PETR4.SA.csv")
-    assert meta["checkpoint"].startswith("checkpoints/") and meta["checkpoint"].endswith(".ckpt")
+    # the served model is the refit on all data, in its own folder of the run
+    assert meta["checkpoint"].startswith("refit/checkpoints/") and meta["checkpoint"].endswith(".ckpt")
     assert (tmp_path / "run" / meta["checkpoint"]).is_file()  # relative to the run folder
     assert meta["seed"] == 3
     trained_at = datetime.fromisoformat(meta["trained_at"])
@@ -102,7 +113,7 @@ def test_meta_says_what_was_trained_on_when_and_from_which_commit(tmp_path):
     assert isinstance(meta["git_dirty"], bool)
     val, test = meta["metrics"]["val"], meta["metrics"]["test"]
     assert {"val_start", "val_end", "n_val"} <= set(val) and not [k for k in val if "test" in k]
-    assert val["val_start"] == meta["data"]["target_dates"]["val"][0] < test["test_start"]
+    assert val["val_start"] == meta["data"]["report_target_dates"]["val"][0] < test["test_start"]
     assert (meta["ticker"], meta["window"], meta["horizon"], meta["scaler_file"]) == (
         "PETR4.SA", 60, 1, "scaler.json")  # what the handler reads
 
@@ -117,7 +128,7 @@ def test_drift_baseline_takes_the_training_periods_mean_return(tmp_path):
     test = results["test"]
     closes = walk["close"]
     val_start = json.loads((tmp_path / "artifacts" / "petr4" / "meta.json").read_text())[
-        "data"]["target_dates"]["val"][0]
+        "data"]["report_target_dates"]["val"][0]
     train_mu = np.diff(np.log(closes[closes.index < val_start])).mean()
     assert test["drift_mean_log_return"] == pytest.approx(train_mu, rel=1e-9) and train_mu > 0.002
     assert np.diff(np.log(closes[closes.index >= test["test_start"]])).mean() < -0.002
@@ -217,7 +228,10 @@ def test_same_seed_gives_the_same_metrics(tmp_path):
     first = train(compose_train(tmp_path / "a", "experiment=petr4", *QUICK))
     second = train(compose_train(tmp_path / "b", "experiment=petr4", *QUICK))
     third = train(compose_train(tmp_path / "c", "experiment=petr4", "seed=7", *QUICK))
-    assert first == second
+    registry = ("version", "gate", "promoted")  # each run is a new version
+    assert {k: v for k, v in first.items() if k not in registry} == {
+        k: v for k, v in second.items() if k not in registry}
+    assert int(second["version"]) == int(first["version"]) + 1
     assert first["test"]["model"] != third["test"]["model"]
 
 
@@ -283,7 +297,7 @@ def test_cli_piped_run_is_quiet_names_artifacts_after_the_ticker_and_logs_the_re
     proc = run_cli("data.ticker=VALE3.SA", "data.source=csv", *TINY,
                    f"paths.artifacts_dir={tmp_path / 'a'}", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert [p.name for p in (tmp_path / "a").iterdir()] == ["vale3"]  # not artifacts/petr4
+    assert [p.name for p in (tmp_path / "a").iterdir() if p.suffix != ".lock"] == ["vale3"]  # not petr4
     # stdout is a pipe: no progress bar (a full run printed ~70 KB of it), the result table stays
     assert "\r" not in proc.stdout and "Epoch" not in proc.stdout and len(proc.stdout) < 2000
     assert "test VALE3.SA" in proc.stdout and "rmse_ratio" in proc.stdout
@@ -299,7 +313,7 @@ def test_cli_piped_run_is_quiet_names_artifacts_after_the_ticker_and_logs_the_re
 
 @pytest.mark.slow
 def test_multirun_trains_every_experiment(tmp_path):
-    proc = run_cli("-m", "experiment=petr4,vale3,itub4", "data.source=csv", "trainer.max_epochs=1",
+    proc = run_cli("-m", "experiment=petr4,vale3,itub4", "data.source=csv", "trainer.max_epochs=1", FORCE,
                    "+trainer.limit_train_batches=2", f"paths.artifacts_dir={tmp_path / 'a'}",
                    f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -310,7 +324,7 @@ def test_multirun_trains_every_experiment(tmp_path):
 
 @pytest.mark.slow
 def test_full_petr4_run_beats_persistence(tmp_path):
-    results = train(compose_train(tmp_path, "experiment=petr4"))
+    results = train(compose_train(tmp_path, "experiment=petr4", NO_BACKTEST))  # the report, not the gate
     test = results["test"]
     assert test["test_start"] >= "2022-04-01" and test["test_end"] == "2023-12-28"
     assert test["rmse_ratio"] <= 1.0, test

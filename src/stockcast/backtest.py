@@ -27,7 +27,8 @@ from stockcast.evaluation import (
     table,
 )
 from stockcast.prices import DataError, load_prices
-from stockcast.training import NoCheckpoint, RunError, build, fit, predict, run_name
+from stockcast.tracking import Run
+from stockcast.training import NoCheckpoint, RunError, build, fingerprint, fit, predict, run_name
 
 log = logging.getLogger(__name__)
 COLUMNS = ["fold", "origin", "target_date", "step", "last_close", "actual", "model", "persistence", "drift"]
@@ -80,20 +81,30 @@ def run_fold(cfg: DictConfig, frame: pd.DataFrame, fold: Fold, path: str) -> pd.
     val, origin = (f"{part.index[i]:%Y-%m-%d}" for i in (fold.val_start, fold.origin))
     datamodule.path = Path(path)  # found once by the parent: no second download
     datamodule.splits, datamodule.scaler = make_windows(part, hp.window, hp.horizon, val, origin,
-                                                        name=f"{path} (fold {fold.index}, origin {origin})")
+                                                        name=f"{path} (fold {fold.index}, origin {origin})",
+                                                        center=hp.center)
     windows = datamodule.splits
     # the invariant the backtest rests on: no training or early-stopping target at or after the origin
     assert windows["val"].dates[-1] < windows["test"].dates[0] == part.index[fold.origin]
-    try:
-        forecaster, _ = fit(cfg, datamodule)
-    except NoCheckpoint as err:
-        raise RunError(f"fold {fold.index} (origin {origin}): {err}: nothing to forecast") from None
     test, scaler = windows["test"], datamodule.scaler
+    members = []  # backtest.seeds > 1: a seed ensemble, its members' forecast returns averaged
+    for k in range(int(cfg.backtest.get("seeds") or 1)):
+        member = cfg.copy()
+        with open_dict(member):
+            member.seed = int(cfg.seed) + 1000 * k
+            if k and member.get("callbacks") and "model_checkpoint" in member.callbacks:  # own folder
+                member.callbacks.model_checkpoint.dirpath = f"{cfg.paths.output_dir}/checkpoints-seed{k}"
+        try:
+            forecaster, _ = fit(member, datamodule)
+        except NoCheckpoint as err:
+            raise RunError(f"fold {fold.index} (origin {origin}): {err}: nothing to forecast") from None
+        members.append(np.log(predict(forecaster.net, test, scaler)))
     horizon = hp.horizon
-    forecasts = {"model": predict(forecaster.net, test, scaler),
+    # the mean of log prices = the forecast from the mean of the members' returns (cumsum is linear)
+    forecasts = {"model": np.exp(np.mean(members, axis=0)),
                  "persistence": persistence_forecast(test.last_close, horizon),
-                 # the drift of this fold's training period, as the scaler (and train.py) sees it
-                 "drift": drift_forecast(test.last_close, horizon, float(scaler.mean_[0]))}
+                 # the drift of this fold's training period (all of it, whatever data.center keeps)
+                 "drift": drift_forecast(test.last_close, horizon, float(scaler.train_mean_[0]))}
     n = len(test)
     target = np.arange(n)[:, None] + np.arange(horizon)  # [N, H] row of each target, from the origin
     return pd.DataFrame({
@@ -196,8 +207,16 @@ def backtest(cfg: DictConfig) -> dict:
     datamodule.prepare_data()
     hp = datamodule.hparams
     frame = load_prices(datamodule.path, on_suspicious=hp.on_suspicious)
-    frame = frame.loc[pd.Timestamp(hp.start) : pd.Timestamp(hp.end)]
     bt = cfg.backtest
+    last = pd.Timestamp(hp.end)
+    if bt.get("until") is not None:
+        # the selection folds end there: no origin and no forecast target after it, so the later
+        # days stay unseen until a held-out run (backtest.start after until)
+        try:
+            last = min(last, pd.Timestamp(str(bt.until)))
+        except ValueError:
+            raise DataError(f"backtest.until must be a date (YYYY-MM-DD) or null, not {bt.until!r}") from None
+    frame = frame.loc[pd.Timestamp(hp.start) : last]
     plan = folds(frame.index, hp.window, hp.horizon, str(bt.start), int(bt.step), float(bt.val))
     output_dir = Path(cfg.paths.output_dir)
     jobs = []
@@ -215,13 +234,25 @@ def backtest(cfg: DictConfig) -> dict:
 
     record = pooled(rows, hp.ticker)
     record.update({"window": hp.window, "horizon": hp.horizon, "step": int(bt.step),
-                   "val": float(bt.val), "data_end": f"{frame.index[-1]:%Y-%m-%d}",
-                   "wall_time_s": round(time.perf_counter() - started, 1)})
+                   "val": float(bt.val), "until": bt.get("until"), "seeds": int(bt.get("seeds") or 1),
+                   "data_end": f"{frame.index[-1]:%Y-%m-%d}",
+                   # what backtest.py returns and hparams_search minimises: the issue's target is
+                   # <= 1 against both baselines, so the worse of the two ratios
+                   "objective": max(record["rmse_ratio"], record["rmse_ratio_drift"]),
+                   "wall_time_s": round(time.perf_counter() - started, 1),
+                   # the gate takes this as evidence only for a model trained with the same config
+                   "fingerprint": fingerprint(cfg)})
     for out in (output_dir, Path(bt.out_dir)):
         out.mkdir(parents=True, exist_ok=True)
         rows.to_csv(out / "backtest.csv", index=False, float_format="%.6f", date_format="%Y-%m-%d")
         (out / "backtest.json").write_text(json.dumps(record, indent=2))
         plot_backtest(out / "backtest.png", rows, record)
+    run = Run(cfg, name, "backtest")  # tracked next to the training runs of `name`
+    run.log_params(cfg)
+    run.log_report({k: v for k, v in record.items() if k != "folds"}, "walk_forward")
+    for file in ("backtest.csv", "backtest.json", "backtest.png"):
+        run.log_file(output_dir / file)
+    run.end(True)
     log.info(f"walk-forward {hp.ticker}: {len(plan)} folds, horizon {hp.horizon}, "
              f"{record['wall_time_s']:.0f} s")
     log.info(table(record))

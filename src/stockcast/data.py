@@ -45,21 +45,29 @@ class Windows:
 
 
 def split_points(dates: pd.DatetimeIndex, window: int, val: float | str,
-                 test: float | str) -> tuple[int, int]:
-    """Row indices where the val and test targets start; each is a date or a fraction of all targets."""
+                 test: float | str | None) -> tuple[int, int]:
+    """Row indices where the val and test targets start; each is a date or a fraction of all
+    targets; test None: no test split (it starts past the end)."""
     n_targets = len(dates) - window
 
     def from_date(value: str) -> int:
         return int(dates.searchsorted(pd.Timestamp(value)))
 
-    test_start = from_date(test) if isinstance(test, str) else window + round(n_targets * (1 - test))
+    if test is None:  # no test split: every target trains or validates (the served model's refit)
+        test_start = len(dates)
+    else:
+        test_start = from_date(test) if isinstance(test, str) else window + round(n_targets * (1 - test))
     val_start = from_date(val) if isinstance(val, str) else test_start - round(n_targets * val)
     return val_start, test_start
 
 
 def make_windows(frame: pd.DataFrame, window: int, horizon: int, val: float | str,
-                 test: float | str, name: str = "data") -> tuple[dict[str, Windows], StandardScaler]:
-    """Split `frame.close` into train/val/test windows by target date and scale with train returns."""
+                 test: float | str | None, name: str = "data",
+                 center: float = 1.0) -> tuple[dict[str, Windows], StandardScaler]:
+    """Split `frame.close` into train/val/test windows by target date and scale with train returns.
+    `center`: the share of the training mean return the scaler subtracts (and predict() adds back
+    to every forecast): 1 = the training drift, 0 = none (an untrained model is then persistence).
+    The scaler's `train_mean_` keeps the full training mean (the drift baseline's)."""
     closes = frame["close"].to_numpy(dtype=np.float64)
 
     def too_few(counts: dict | None = None) -> None:
@@ -70,7 +78,8 @@ def make_windows(frame: pd.DataFrame, window: int, horizon: int, val: float | st
     if len(closes) < window + horizon + 4:  # one window for each split at the very least
         too_few()
     val_start, test_start = split_points(frame.index, window, val, test)
-    if not window < val_start < test_start < len(closes):
+    last = len(closes) if test is None else len(closes) - 1  # the latest a test split may start
+    if not window < val_start < test_start <= last:
         span = f"{frame.index[0]:%Y-%m-%d} .. {frame.index[-1]:%Y-%m-%d}"
         raise DataError(f"{name}: the split val={val}, test={test} leaves no room for train, val and "
                         f"test in {len(closes)} rows ({span})")
@@ -84,11 +93,13 @@ def make_windows(frame: pd.DataFrame, window: int, horizon: int, val: float | st
         "test": first_target >= test_start,
     }
     counts = {k: int(m.sum()) for k, m in masks.items()}
-    if min(counts.values()) < 1 or counts["train"] < 2:
+    if min(n for k, n in counts.items() if k != "test" or test is not None) < 1 or counts["train"] < 2:
         too_few(counts)
     returns = log_returns(closes)  # returns[k] = log(closes[k + 1] / closes[k])
     # fit on the returns inside the training period only: fitting on all data leaks the future
     scaler = StandardScaler().fit(returns[: val_start - 1, None])
+    scaler.train_mean_ = scaler.mean_.copy()
+    scaler.mean_ = scaler.mean_ * center  # transform() and predict() both use mean_
     scaled = scaler.transform(returns[:, None])[:, 0].astype(np.float32)
     idx_in = starts[:, None] + np.arange(window - 1)  # [N, T-1]
     idx_out = starts[:, None] + window - 1 + np.arange(horizon)  # [N, H]
@@ -119,9 +130,10 @@ class StockDataModule(L.LightningDataModule):
         window: int = 60,
         horizon: int = 1,
         val: float | str = 0.1,
-        test: float | str = 0.2,
+        test: float | str | None = 0.2,
         batch_size: int = 64,
         on_suspicious: str = "warn",
+        center: float = 1.0,
     ) -> None:
         super().__init__()
         check_ticker(ticker)  # before any file is named after it
@@ -129,6 +141,9 @@ class StockDataModule(L.LightningDataModule):
             raise DataError(f"window must be >= 3 and horizon >= 1 (got {window}, {horizon})")
         if on_suspicious not in ("warn", "error"):
             raise DataError(f"data.on_suspicious must be warn or error, not {on_suspicious!r}")
+        if not 0.0 <= center <= 1.0:
+            raise DataError(f"data.center must be in [0, 1] (the share of the training drift kept), "
+                            f"got {center}")
         self.save_hyperparameters()
         self.splits: dict[str, Windows] = {}
         self.scaler: StandardScaler | None = None
@@ -149,7 +164,7 @@ class StockDataModule(L.LightningDataModule):
         frame = load_prices(self.path, on_suspicious=hp.on_suspicious)
         frame = frame.loc[pd.Timestamp(hp.start) : pd.Timestamp(hp.end)]
         self.splits, self.scaler = make_windows(
-            frame, hp.window, hp.horizon, hp.val, hp.test, name=str(self.path)
+            frame, hp.window, hp.horizon, hp.val, hp.test, name=str(self.path), center=hp.center
         )
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:

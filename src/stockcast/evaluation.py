@@ -52,9 +52,16 @@ def diebold_mariano(forecast: np.ndarray, baseline: np.ndarray, actual: np.ndarr
     def loss(f: np.ndarray) -> np.ndarray:  # [N] squared error per window, mean over its steps
         return np.mean(np.reshape((f - actual) ** 2, (len(actual), -1)), axis=1)
 
-    d = loss(forecast) - loss(baseline)  # [N]
-    n, h = len(d), (actual.shape[1] if actual.ndim == 2 else 1)
-    hln = (n + 1 - 2 * h + h * (h - 1) / n) / n
+    h = actual.shape[1] if actual.ndim == 2 else 1
+    return dm_test(loss(forecast), loss(baseline), h)
+
+
+def dm_test(loss: np.ndarray, baseline_loss: np.ndarray, horizon: int = 1) -> tuple[float, float]:
+    """Diebold-Mariano (HLN) on any per-window losses [N]: (statistic, two-sided p); a negative
+    statistic: `loss` is lower. Windows less than `horizon` apart share targets (lags up to h - 1)."""
+    d = np.asarray(loss, dtype=np.float64) - np.asarray(baseline_loss, dtype=np.float64)
+    n, h = len(d), horizon
+    hln = (n + 1 - 2 * h + h * (h - 1) / n) / n if n else 0.0
     if n < 2 or hln <= 0 or not np.any(d):
         return 0.0, 1.0  # no forecasts to compare, or identical losses: no evidence of a difference
     dev = d - d.mean()
@@ -195,3 +202,87 @@ def plot(path: Path, dates: pd.DatetimeIndex, actual: np.ndarray, forecast: np.n
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ---- intervals: the range of the next closes, against the volatility baselines risk people use ----
+LEVELS = (0.025, 0.1, 0.5, 0.9, 0.975)  # quantile levels: the median and the 80% and 95% intervals
+INTERVALS = {"80": (0.1, 0.9), "95": (0.025, 0.975)}
+RISKMETRICS_LAMBDA = 0.94  # J.P. Morgan's RiskMetrics (1996) decay for daily returns
+
+
+def ewma_sigma(returns: np.ndarray, lam: float = RISKMETRICS_LAMBDA) -> np.ndarray:
+    """[N, T] daily log returns, oldest first -> [N] RiskMetrics forecast of the next day's
+    volatility: s2 <- lam * s2 + (1 - lam) * r^2 over the window, zero mean, started at the window's
+    mean square (its weight after 59 returns is lam^59 = 2.6%)."""
+    var = np.mean(returns**2, axis=1)
+    for t in range(returns.shape[1]):
+        var = lam * var + (1 - lam) * returns[:, t] ** 2
+    return np.sqrt(var)
+
+
+def ewma_quantiles(last_close: np.ndarray, returns: np.ndarray, horizon: int,
+                   levels: tuple[float, ...] = LEVELS) -> np.ndarray:
+    """[N] last closes, [N, T] window returns -> [N, H, Q] closes: the normal quantiles of the
+    cumulative move to each step, sigma * sqrt(h), around the last close (zero mean)."""
+    sigma = ewma_sigma(returns)[:, None, None] * np.sqrt(np.arange(1, horizon + 1))[None, :, None]
+    z = stats.norm.ppf(levels)[None, None, :]
+    return last_close[:, None, None] * np.exp(z * sigma)
+
+
+def historical_quantiles(last_close: np.ndarray, returns: np.ndarray, horizon: int,
+                         levels: tuple[float, ...] = LEVELS) -> np.ndarray:
+    """[N, H, Q] closes from the empirical quantiles of the window's own returns (historical
+    simulation), scaled by sqrt(h) for the cumulative move to step h."""
+    q = np.quantile(returns, levels, axis=1).T  # [N, Q]
+    scale = np.sqrt(np.arange(1, horizon + 1))[None, :, None]
+    return last_close[:, None, None] * np.exp(q[:, None, :] * scale)
+
+
+def interval_scores(quantiles: np.ndarray, actual: np.ndarray, last_close: np.ndarray,
+                    levels: tuple[float, ...] = LEVELS) -> dict[str, np.ndarray]:
+    """Per-window losses of [N, H, Q] quantile forecasts of [N, H] closes, in % of the last close
+    (scale-free, so a period of high prices does not weigh more): for each interval its coverage
+    (hit or not), width and interval score (Winkler; Gneiting & Raftery 2007), and the pinball
+    loss averaged over the levels. Each [N], averaged over the H steps."""
+    to_pct = 100 / last_close[:, None]
+    y, q = actual * to_pct, quantiles * to_pct[..., None]
+    out = {}
+    for name, (lo, hi) in INTERVALS.items():
+        lower, upper = q[..., levels.index(lo)], q[..., levels.index(hi)]
+        alpha = 1 - (hi - lo)
+        out[f"covered_{name}"] = np.mean((y >= lower) & (y <= upper), axis=1)
+        out[f"width_{name}"] = np.mean(upper - lower, axis=1)
+        out[f"score_{name}"] = np.mean((upper - lower) + 2 / alpha * np.maximum(lower - y, 0)
+                                       + 2 / alpha * np.maximum(y - upper, 0), axis=1)
+    tau = np.asarray(levels)
+    miss = y[..., None] - q  # [N, H, Q]
+    out["pinball"] = np.mean(np.maximum(tau * miss, (tau - 1) * miss), axis=(1, 2))
+    return out
+
+
+def compare_intervals(quantiles: dict[str, np.ndarray], actual: np.ndarray, last_close: np.ndarray,
+                      levels: tuple[float, ...] = LEVELS, reference: str = "ewma") -> dict:
+    """For each method (name -> [N, H, Q] closes): coverage of the 80% and 95% intervals with a
+    binomial p-value against the nominal level, mean width (% of price), interval score and pinball
+    loss; every other method's scores relative to `reference` with a DM p-value."""
+    horizon = actual.shape[1]
+    scores = {name: interval_scores(q, actual, last_close, levels) for name, q in quantiles.items()}
+    record = {}
+    for name, s in scores.items():
+        row = {}
+        for iv, (lo, hi) in INTERVALS.items():
+            row[f"coverage_{iv}"] = float(np.mean(s[f"covered_{iv}"]))
+            # the binomial test counts independent trials: the first step's (later steps overlap)
+            first = (interval_scores(quantiles[name][:, :1], actual[:, :1], last_close, levels)
+                     if horizon > 1 else s)[f"covered_{iv}"]
+            row[f"coverage_{iv}_p"] = float(stats.binomtest(int(first.sum()), len(first), hi - lo).pvalue)
+            row[f"width_{iv}"] = float(np.mean(s[f"width_{iv}"]))
+            row[f"score_{iv}"] = float(np.mean(s[f"score_{iv}"]))
+        row["pinball"] = float(np.mean(s["pinball"]))
+        if name != reference and reference in scores:
+            for key in ("score_80", "score_95", "pinball"):
+                row[f"{key}_ratio_{reference}"] = row[key] / float(np.mean(scores[reference][key]))
+                row[f"{key}_dm_stat_{reference}"], row[f"{key}_dm_p_{reference}"] = dm_test(
+                    s[key], scores[reference][key], horizon)
+        record[name] = row
+    return record

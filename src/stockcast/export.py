@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import shutil
 import warnings
 from importlib.metadata import version
 from pathlib import Path
 
+import numpy as np
 import torch
 from sklearn.preprocessing import StandardScaler
 
@@ -30,8 +32,9 @@ def scaler_to_dict(scaler: StandardScaler, features: list[str]) -> dict:
 
 
 def export_model(net: LSTMNet, out_dir: Path, scaler: StandardScaler, features: list[str],
-                 meta: dict) -> Path:
-    """Write model.pt, model.onnx, scaler.json and meta.json into `out_dir`; return meta.json's path."""
+                 meta: dict, sample: np.ndarray) -> Path:
+    """Write model.pt, model.onnx, scaler.json and meta.json into `out_dir`, with meta["checks"]
+    saying whether both model files reproduce `net` on `sample` inputs; return meta.json's path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     net = net.cpu().eval()
@@ -46,11 +49,32 @@ def export_model(net: LSTMNet, out_dir: Path, scaler: StandardScaler, features: 
         "model_files": {"torchscript": MODEL_FILE, "onnx": ONNX_FILE},
         "scaler_file": SCALER_FILE,
         "sha256": {name: sha256(out_dir / name) for name in (MODEL_FILE, ONNX_FILE, SCALER_FILE)},
+        "checks": check_export(out_dir, net, sample),
         "versions": {"python": platform.python_version(),
                      **{lib: version(lib) for lib in LIBRARIES}},
     }
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
     return out_dir / META_FILE
+
+
+def check_export(out_dir: Path, net: LSTMNet, sample: np.ndarray, atol: float = 1e-4) -> dict:
+    """Do model.pt and model.onnx give `net`'s outputs on `sample` [N, T, F] (scaled returns, ~1)?
+    The promotion gate refuses an export that does not."""
+    import onnxruntime as ort
+
+    x = np.ascontiguousarray(sample, dtype=np.float32)
+    with torch.no_grad():
+        expected = net.eval()(torch.from_numpy(x)).numpy()
+        got = {"torchscript": torch.jit.load(str(out_dir / MODEL_FILE))(torch.from_numpy(x)).numpy()}
+    session = ort.InferenceSession(str(out_dir / ONNX_FILE), providers=["CPUExecutionProvider"])
+    got["onnx"] = session.run(None, {"x": x})[0]
+    diff = {k: float(np.max(np.abs(y - expected))) if y.shape == expected.shape else math.inf
+            for k, y in got.items()}
+    failures = [f"{k} differs from the network by {d:.3g} (> {atol})"
+                for k, d in diff.items() if not d <= atol]
+    if not np.all(np.isfinite(expected)):
+        failures.append("the network gives non-finite outputs")
+    return {"passed": not failures, "failures": failures, "n": len(x), "max_abs_diff": diff}
 
 
 def export_onnx(net: LSTMNet, path: Path, window_returns: int) -> None:

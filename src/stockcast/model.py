@@ -15,6 +15,8 @@ class LSTMNet(nn.Module):
         super().__init__()
         self.lstm = nn.LSTM(input_size, hidden_size, num_layers, batch_first=True,
                             dropout=dropout if num_layers > 1 else 0.0)
+        # on the last hidden state too: between layers alone, dropout did nothing with one layer
+        self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(hidden_size, horizon)
         # start at "no change": an untrained or weak model forecasts about persistence (plus the
         # training drift), never the far-off prices an unanchored model extrapolates to
@@ -24,7 +26,7 @@ class LSTMNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # B batch, T window-1 returns, F features, D hidden_size, H horizon
         out, _ = self.lstm(x)  # [B, T, D]
-        return self.head(out[:, -1])  # [B, H]
+        return self.head(self.drop(out[:, -1]))  # [B, H]
 
 
 class LSTMForecaster(L.LightningModule):

@@ -93,11 +93,16 @@ def up_to_date(mar: Path, entries: dict[str, bytes]) -> bool:
 
 
 def build_archive(artifacts: Path, export_path: Path, handlers: Path = Path("handlers"),
-                  version: str = "1.0", model_format: str = "onnx",
+                  version: str | None = None, model_format: str = "onnx",
                   overrides: dict | None = None) -> Path:
     """The model (ONNX by default: fastest here), scaler.json, meta.json, the handler and its
-    model-config.yaml -> export_path/lstm.mar, rebuilt only when an entry would change."""
+    model-config.yaml -> export_path/lstm.mar, rebuilt only when an entry would change. The
+    version TorchServe reports (and labels metrics with) is the registry's, from meta.json."""
     entries = contents(Path(artifacts), Path(handlers), model_format, overrides or {})
+    version = version or json.loads(entries["meta.json"]).get("version")
+    if not version:  # exported before the registry: it never passed the gate
+        raise ValueError(f"{artifacts} is not a registered version (its meta.json has no \"version\"): "
+                         "train again (make train), or give --version to archive it anyway")
     mar = Path(export_path) / f"{MODEL_NAME}.mar"
     if up_to_date(mar, entries):
         return mar
@@ -131,7 +136,8 @@ def main() -> None:
                         help="a training run's exported folder")
     parser.add_argument("export_path", type=Path, nargs="?", default=Path("model_store"),
                         help="where lstm.mar is written")
-    parser.add_argument("--version", default="1.0", help="model version TorchServe reports")
+    parser.add_argument("--version", help="model version TorchServe reports (default: the registry "
+                        "version in meta.json)")
     parser.add_argument("--format", choices=list(FORMATS), default="onnx",
                         help="which exported model to serve")
     parser.add_argument("--profile", choices=list(PROFILES), default="throughput",

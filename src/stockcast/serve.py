@@ -199,6 +199,15 @@ def health(server: Server) -> str | None:
     return None if "READY" in states else f"no worker is READY (workers: {states or 'none'})"
 
 
+def served_version(server: Server) -> str:
+    """The model version the server reports: the registry's version of the served model."""
+    try:
+        code, body = get(f"{server.management}/models/{MODEL_NAME}", server.headers("management"))
+        return json.loads(body)[0]["modelVersion"] if code == 200 else "?"
+    except (OSError, ValueError, LookupError):
+        return "?"
+
+
 def ready(server: Server) -> bool:
     """True once a worker of the model is READY (the /ping answer comes before the model loads)."""
     return health(server) is None
@@ -501,7 +510,8 @@ def main() -> None:
             if problem:
                 fail(f"TorchServe (pid {server.pid}) is running but cannot forecast: {problem}",
                      NOT_READY)
-            print(f"TorchServe is serving (pid {server.pid}), ready: True")
+            print(f"TorchServe is serving {MODEL_NAME} version {served_version(server)} "
+                  f"(pid {server.pid}), ready: True")
             print(example_curl(server))
             return
         if not args.token_auth:

@@ -1,13 +1,13 @@
-"""train(cfg) = fit (best val checkpoint) + evaluate (val and test against the baselines) + export;
-the pieces are shared with the walk-forward backtest."""
+"""train(cfg) = fit (best val checkpoint) + evaluate (val and test against the baselines) + refit on
+all data + export + register a version (promoted if the gate passes); fit and evaluate are shared
+with the walk-forward backtest."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import os
 import re
-import shutil
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -15,18 +15,22 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import pandas as pd
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from sklearn.preprocessing import StandardScaler
 
 from stockcast.data import FEATURES, StockDataModule, Windows, to_prices
 from stockcast.evaluation import compare, plot, table
-from stockcast.export import export_model, publish, sha256
+from stockcast.export import export_model, sha256
 from stockcast.model import LSTMForecaster, LSTMNet
-from stockcast.prices import DataError, ticker_name
+from stockcast.prices import DataError, load_prices, ticker_name
+from stockcast.registry import RULES, evidence_problem, locked, promote, register
+from stockcast.registry import champion as registry_champion
+from stockcast.tracking import Run
 
 log = logging.getLogger(__name__)
 # `import lightning` gives its logger a console handler of its own; Hydra's root handler would
@@ -117,13 +121,14 @@ def load_data(cfg: DictConfig) -> StockDataModule:
     return datamodule
 
 
-def fit(cfg: DictConfig, datamodule: StockDataModule) -> tuple[LSTMForecaster, str]:
+def fit(cfg: DictConfig, datamodule: StockDataModule,
+        extra_loggers: tuple = ()) -> tuple[LSTMForecaster, str]:
     """Train cfg.model on the datamodule's train split with early stopping on its val split;
     return the val-best checkpoint's model and that checkpoint's path (under cfg.paths.output_dir)."""
     L.seed_everything(cfg.seed, workers=True)  # after the data (which draws no random numbers)
     forecaster = build(cfg, "model")
     callbacks = [build(cfg, f"callbacks.{key}") for key in cfg.get("callbacks") or {}]
-    loggers = [build(cfg, f"logger.{key}") for key in cfg.get("logger") or {}] or False
+    loggers = [build(cfg, f"logger.{key}") for key in cfg.get("logger") or {}] + list(extra_loggers) or False
     # a progress bar redraws in place on a terminal; piped, every redraw stays (~70 KB per run)
     bar = cfg.trainer.get("enable_progress_bar")
     trainer: L.Trainer = build(cfg, "trainer", callbacks=callbacks, logger=loggers,
@@ -146,68 +151,195 @@ def evaluate(forecaster: LSTMForecaster, datamodule: StockDataModule,
     """({split: [N, H] forecast closes}, {split: compare() record}) for the named splits."""
     windows, scaler, ticker = datamodule.splits, datamodule.scaler, datamodule.hparams.ticker
     forecasts = {s: predict(forecaster.net, windows[s], scaler) for s in splits}
-    # the drift baseline's mean daily log return: the scaler's, fitted on the training period only
+    # the drift baseline's mean daily log return: the training period's (all of it, whatever share
+    # of it data.center adds back to the model's forecasts)
     results = {s: compare(f, windows[s].future, windows[s].last_close, windows[s].dates, ticker, split=s,
-                          drift=float(scaler.mean_[0]))
+                          drift=float(getattr(scaler, "train_mean_", scaler.mean_)[0]))
                for s, f in forecasts.items()}
     return forecasts, results
 
 
-def export(cfg: DictConfig, name: str, datamodule: StockDataModule, forecaster: LSTMForecaster,
-           checkpoint: str, forecasts: dict, results: dict, data_sha256: str) -> Path:
-    """Write model, scaler, meta, metrics.json and forecast.png to the run folder and publish them
-    whole as artifacts/<name>; return that folder."""
+def through(datamodule: StockDataModule) -> pd.Timestamp:
+    """The date of the latest close in the datamodule's range."""
+    hp = datamodule.hparams
+    frame = load_prices(datamodule.path, on_suspicious="ignore")  # warned about when it was loaded
+    return frame.loc[pd.Timestamp(hp.start) : pd.Timestamp(hp.end)].index[-1]
+
+
+# what does not change the learned model: logging, progress, checkpoint file names, data location
+UNLEARNED = {"data": {"end", "val", "test", "source", "snapshot", "cache_dir", "on_suspicious"},
+             "trainer": {"enable_progress_bar", "enable_model_summary", "log_every_n_steps",
+                         "default_root_dir"},
+             "callbacks": {"dirpath", "filename", "auto_insert_metric_name", "save_top_k", "verbose"}}
+LEARNING_CODE = ("data.py", "model.py")  # the windows, the network and its loss
+
+
+def fingerprint(cfg: DictConfig) -> str:
+    """sha256 of what decides the learned model: the data settings but their date range and splits,
+    the model, trainer and callbacks, the early-stopping fraction of the served model's fit, the
+    seeds averaged, and the source of data.py and model.py. A backtest is evidence for a trained
+    model only when the two fingerprints match."""
+    def keep(section: str, tree: dict) -> dict:
+        return {k: keep(section, v) if isinstance(v, dict) else v for k, v in tree.items()
+                if k not in UNLEARNED.get(section, ())}
+
+    what = {k: keep(k, OmegaConf.to_container(cfg[k], resolve=True))
+            for k in ("data", "model", "trainer", "callbacks") if cfg.get(k) is not None}
+    what["refit"] = {"enabled": bool(cfg.refit.enabled), "val": float(cfg.refit.val)}
+    what["seeds"] = int((cfg.get("backtest") or {}).get("seeds") or 1)  # an ensemble is another model
+    here = Path(__file__).parent
+    what["code"] = {f: hashlib.sha256((here / f).read_bytes()).hexdigest() for f in LEARNING_CODE}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def refit_config(cfg: DictConfig) -> DictConfig:
+    """cfg for the served model: every close up to cfg.refit.end, early stopping on the last
+    cfg.refit.val of them, no test split; its own checkpoints folder."""
+    final = cfg.copy()
+    with open_dict(final):
+        final.data.end, final.data.val, final.data.test = cfg.refit.end, cfg.refit.val, None
+        final.paths.output_dir = str(Path(cfg.paths.output_dir) / "refit")  # its checkpoints/ too
+    return final
+
+
+def export(cfg: DictConfig, name: str, report: StockDataModule, served: StockDataModule,
+           forecaster: LSTMForecaster, checkpoint: str, forecasts: dict, results: dict,
+           refit: dict | None, data_sha256: str) -> Path:
+    """Write model, scaler, meta, metrics.json (the report's test split) and forecast.png to
+    <run folder>/artifacts; return that folder. `served` is the data the model was fit on."""
     output_dir = Path(cfg.paths.output_dir)
-    artifacts = Path(cfg.paths.artifacts_dir)
-    artifacts.mkdir(parents=True, exist_ok=True)
-    staging = artifacts / f".{name}.tmp-{os.getpid()}"  # built aside, then swapped in whole
-    shutil.rmtree(staging, ignore_errors=True)
-    hp, splits = datamodule.hparams, datamodule.splits
+    folder = output_dir / "artifacts"
+    hp, windows = served.hparams, served.splits
     root = Path(cfg.paths.root)
     commit, dirty = git_state(root)
-    target_dates = {s: [f"{w.dates[0]:%Y-%m-%d}", f"{w.dates[-1]:%Y-%m-%d}"] for s, w in splits.items()}
+
+    def span(w: dict) -> dict:
+        return {s: [f"{x.dates[0]:%Y-%m-%d}", f"{x.dates[-1]:%Y-%m-%d}"] for s, x in w.items() if len(x)}
+
+    last = windows["val"]
+    export_model(forecaster.net, folder, served.scaler, FEATURES, meta={
+        "name": name, "ticker": hp.ticker, "window": hp.window, "horizon": hp.horizon,
+        # paths relative to the project root (paths.root); the checkpoint relative to run_dir
+        "data": {"file": relative(served.path, root), "sha256": data_sha256,
+                 "start": hp.start, "end": hp.end,
+                 # the latest close the served model saw: its forecasts start the day after
+                 "through": f"{through(served):%Y-%m-%d}",
+                 "target_dates": span(windows), "report_target_dates": span(report.splits)},
+        "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "seed": cfg.seed,
+        "fingerprint": fingerprint(cfg),
+        "run_dir": relative(output_dir, root),
+        "checkpoint": relative(checkpoint, output_dir),
+        "metrics": results,  # the report's: the classic train/val/test split
+        "refit": refit,  # the served model's fit on all data: its val (early stopping) split only
+        "config": OmegaConf.to_container(cfg.model, resolve=True),
+    }, sample=last.inputs)
+    (folder / "metrics.json").write_text(json.dumps(results["test"], indent=2))
+    t = report.splits["test"]
+    plot(folder / "forecast.png", t.dates, t.future, forecasts["test"], t.last_close, results["test"])
+    return folder
+
+
+def evidence(cfg: DictConfig) -> dict | None:
+    """The walk-forward report the gate judges on (cfg.gate.evidence), if there is one."""
+    path = Path(cfg.gate.evidence)
     try:
-        export_model(forecaster.net, staging, datamodule.scaler, FEATURES, meta={
-            "name": name, "ticker": hp.ticker, "window": hp.window, "horizon": hp.horizon,
-            # paths relative to the project root (paths.root); the checkpoint relative to run_dir
-            "data": {"file": relative(datamodule.path, root), "sha256": data_sha256,
-                     "start": hp.start, "end": hp.end, "target_dates": target_dates},
-            "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "git_commit": commit,
-            "git_dirty": dirty,
-            "seed": cfg.seed,
-            "run_dir": relative(output_dir, root),
-            "checkpoint": relative(checkpoint, output_dir),
-            "metrics": results,
-            "config": OmegaConf.to_container(cfg.model, resolve=True),
-        })
-        (staging / "metrics.json").write_text(json.dumps(results["test"], indent=2))
-        t = splits["test"]
-        plot(staging / "forecast.png", t.dates, t.future, forecasts["test"], t.last_close,
-             results["test"])
-        shutil.copytree(staging, output_dir / "artifacts", dirs_exist_ok=True)
-        publish(staging, artifacts / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # gone after publish; a leftover after a failure
-    return artifacts / name
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise RunError(f"{path}: unreadable walk-forward report ({err}): run backtest.py again") from None
+
+
+def gate_evidence(cfg: DictConfig, meta: dict) -> dict | None:
+    """The walk-forward report the gate judges `meta`'s model on: cfg.gate.evidence, or with
+    gate.backtest=auto (and no gate.force) a backtest run now, to the model's last close, when that
+    file is missing, of another config or code, or older than the model's data."""
+    found = evidence(cfg)
+    rules = {k: cfg.gate.get(k) for k in RULES if cfg.gate.get(k) is not None}
+    if (cfg.gate.get("force") or cfg.gate.get("backtest", "auto") != "auto"
+            or (found is not None and evidence_problem(meta, found, {**RULES, **rules}) is None)):
+        return found
+    from stockcast.backtest import backtest  # it imports this module
+
+    walk = cfg.copy()
+    with open_dict(walk):
+        walk.data.end = cfg.refit.end if cfg.refit.enabled else cfg.data.end
+        walk.paths.output_dir = str(Path(cfg.paths.output_dir) / "backtest")
+        walk.backtest.until = None
+        walk.backtest.out_dir = str(Path(cfg.gate.evidence).parent)
+    log.info(f"the gate needs a walk-forward backtest of this config: running it now "
+             f"(gate.backtest=auto; {Path(cfg.gate.evidence)})")
+    backtest(walk)
+    return evidence(cfg)
 
 
 def train(cfg: DictConfig) -> dict:
-    """Run one experiment: fit, evaluate, export; return {"test": metrics.json record, "val": the
-    same on val}."""
+    """Run one experiment: fit and evaluate on the classic split (the report), refit on all data
+    (the served model), export, register a version, and promote it if the gate passes; return
+    {"test": metrics.json record, "val": the same on val, "version", "gate"}."""
     name = run_name(cfg)
-    datamodule = load_data(cfg)
-    data_sha256 = sha256(datamodule.path)  # of the file as it was read, not as it may be later
+    final_cfg = refit_config(cfg) if cfg.refit.enabled else None
+    served = datamodule = build(cfg, "data")
+    if final_cfg is not None:  # one download, for the refit's wider range; the report takes its part
+        served = build(final_cfg, "data")
+        served.prepare_data()
+        datamodule.path = served.path
+    datamodule.prepare_data()
+    datamodule.setup()
+    run = Run(cfg, name, "train")
+    ok = False
     try:
-        forecaster, checkpoint = fit(cfg, datamodule)
+        forecaster, checkpoint = fit(cfg, datamodule, (run.epoch_logger("report"),))
+        run.log_params(cfg)  # now that the config is known to resolve
+        forecasts, results = evaluate(forecaster, datamodule)
+        run.log_report(results, "report")
+        log.info(table(results["test"]))
+        log.info(f"val rmse_ratio {results['val']['rmse_ratio']:.4f} (model choices: the walk-forward, "
+                 "backtest.py)")
+        refit = None
+        if final_cfg is not None:
+            served.setup()
+            forecaster, checkpoint = fit(final_cfg, served, (run.epoch_logger("refit"),))
+            refit = evaluate(forecaster, served, ("val",))[1]["val"]
+            run.log_report(refit, "refit")
+        # the sha256 of the file as it was read, not as it may be later
+        folder = export(cfg, name, datamodule, served, forecaster, checkpoint, forecasts, results, refit,
+                        sha256(served.path))
+        run.log_files(folder, "export")
+        outcome = publish_version(cfg, name, folder, run)
+        ok = True
     except NoCheckpoint as err:
         raise RunError(f"{err}: nothing to evaluate or publish, "
                        f"{Path(cfg.paths.artifacts_dir) / name} is left as it was") from None
-    forecasts, results = evaluate(forecaster, datamodule)
-    published = export(cfg, name, datamodule, forecaster, checkpoint, forecasts, results, data_sha256)
+    finally:
+        run.end(ok)
+    return {**results, **outcome}
 
-    # logged, not printed: Hydra writes these to the console and to <run folder>/train.log
-    log.info(table(results["test"]))
-    log.info(f"val rmse_ratio {results['val']['rmse_ratio']:.4f} (the split used for choices)")
-    log.info(f"artifacts: {published}  (run folder: {cfg.paths.output_dir})")
-    return results
+
+def publish_version(cfg: DictConfig, name: str, folder: Path, run: Run) -> dict:
+    """Register the export as a version and make it the champion if the gate passes (or
+    cfg.gate.force gives a reason); artifacts/<name> follows the champion."""
+    artifacts = Path(cfg.paths.artifacts_dir) / name
+    walk_forward = gate_evidence(cfg, json.loads((folder / "meta.json").read_text()))
+    with locked(cfg.paths.artifacts_dir, name):
+        rules = {k: cfg.gate.get(k) for k in RULES}
+        version = register(run.client, name, folder, run.id, walk_forward, **rules)
+        decision = promote(run.client, name, version, artifacts, walk_forward, cfg.gate.get("force"), **rules)
+    run.tag("stockcast.version", version)
+    if decision.passed or cfg.gate.get("force"):
+        how = "" if decision.passed else f" FORCED past the gate ({cfg.gate.force}): "
+        log.info(f"version {version} is the champion:{how} {decision}")
+        log.info(f"artifacts: {artifacts}  (run folder: {cfg.paths.output_dir})")
+    else:
+        kept = registry_champion(run.client, name)
+        log.warning(f"version {version} NOT promoted, {decision}. "
+                    + (f"Champion stays version {kept} ({artifacts})." if kept else
+                       f"There is no champion: {artifacts} is left as it was.")
+                    + f" The version's files: {folder}."
+                    + f" Override: gate.force='<reason>' or python -m stockcast.registry promote {name} "
+                      f"{version} --force '<reason>'")
+    promoted = decision.passed or bool(cfg.gate.get("force"))
+    return {"version": version, "gate": str(decision), "promoted": promoted}
