@@ -23,16 +23,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 # a run becomes the champion only if the walk-forward backtest of its config is not significantly
-# worse than persistence or drift (the gate): the backtest runs first, once (~75 s for petr4)
-BACKTEST := artifacts/backtest/$(EXPERIMENT)/backtest.json
-train: install $(BACKTEST)
+# worse than persistence or drift (the gate); train.py runs that backtest first when there is none
+# of this config and data (~1-2 min on 2 cores)
+train: install
 	$(BIN)/python train.py experiment=$(EXPERIMENT)
 
 backtest: install
 	$(BIN)/python backtest.py experiment=$(EXPERIMENT)
-
-$(BACKTEST):
-	$(MAKE) backtest EXPERIMENT=$(EXPERIMENT)
 
 # versions: python -m stockcast.registry list|promote|rollback <name>; the MLflow UI on loopback
 versions: install
