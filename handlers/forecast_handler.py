@@ -223,5 +223,6 @@ class ForecastHandler(BaseHandler):
 
     def count(self, context, name: str, value: int, *extra: Dimension) -> None:
         # a fresh list each time: TorchServe appends default dimensions to the list it is given
-        dims = [Dimension("ModelName", self.info["name"]), Dimension("Level", "Model"), *extra]
+        dims = [Dimension("ModelName", self.info["name"]), Dimension("Level", "Model"),
+                Dimension("ModelVersion", self.info["version"]), *extra]
         context.metrics.add_counter(name, value, dimensions=dims)

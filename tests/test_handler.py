@@ -229,12 +229,14 @@ def test_a_bad_request_in_a_batch_fails_alone(service):
     assert answers[0][1]["forecast"] != alone["forecast"]
 
 
-def test_counters_are_emitted_with_the_rejection_reason(service, caplog):
+def test_counters_are_emitted_with_the_model_version_and_the_rejection_reason(service, artifacts, caplog):
     with caplog.at_level(logging.INFO, logger="ts.metrics.caching_metric"):
         predict(service, GOOD, {"history": [1]}, GOOD, {"history": [1]})
     lines = [r.getMessage().removeprefix("[METRICS]") for r in caplog.records]
-    served = "ForecastsServed.Count:2|#ModelName:lstm,Level:Model|"
-    rejected = "RequestsRejected.Count:1|#ModelName:lstm,Level:Model,Reason:too_short|"
+    version = json.loads((artifacts / "meta.json").read_text())["version"]
+    served = f"ForecastsServed.Count:2|#ModelName:lstm,Level:Model,ModelVersion:{version}|"
+    rejected = (f"RequestsRejected.Count:1|#ModelName:lstm,Level:Model,ModelVersion:{version},"
+                "Reason:too_short|")
     assert sum(m.startswith(served) for m in lines) == 1
     assert sum(m.startswith(rejected) for m in lines) == 2
 

@@ -1,4 +1,4 @@
-"""Versions, the promotion gate, rollback and MLflow tracking, in a temporary MLflow store."""
+"""Versions, the promotion gate (gate.py), rollback and MLflow tracking, in a temporary MLflow store."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import pytest
 from conftest import FORCE, NO_BACKTEST, ROOT, compose_train
 
 from stockcast.backtest import pooled
+from stockcast.gate import gate
 from stockcast.package import build_archive
-from stockcast.registry import client, gate
+from stockcast.tracking import client
 from stockcast.training import fingerprint, train
 
 TINY = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=2", "~logger"]

@@ -77,7 +77,7 @@ def test_an_oversized_body_is_refused_with_413(server):
     assert post(server, json.dumps(ORIGINAL))[0] == 200
 
 
-def test_metrics_count_forecasts_and_rejections(server):
+def test_metrics_count_forecasts_and_rejections_by_model_version(server, artifacts):
     before = scrape(server)
     good, bad = 7, 3
     for i in range(good):
@@ -90,6 +90,10 @@ def test_metrics_count_forecasts_and_rejections(server):
         return counter(after, name, **labels) - counter(before, name, **labels)
 
     assert delta("ForecastsServed", ModelName="lstm") == good
+    # which model answered: the registry's version, also on the rejections
+    version = json.loads((artifacts / "meta.json").read_text())["version"]
+    assert delta("ForecastsServed", ModelName="lstm", ModelVersion=version) == good
+    assert delta("RequestsRejected", ModelVersion=version, Reason="too_short") == bad
     assert delta("RequestsRejected", ModelName="lstm", Reason="too_short") == bad
     assert delta("RequestsRejected", ModelName="lstm") == bad
     assert delta("ts_inference_requests_total", model_name="lstm") == good + bad

@@ -26,10 +26,11 @@ from sklearn.preprocessing import StandardScaler
 from stockcast.data import FEATURES, StockDataModule, Windows, to_prices
 from stockcast.evaluation import compare, plot, table
 from stockcast.export import export_model, sha256
+from stockcast.gate import RULES, evidence_problem
 from stockcast.model import LSTMForecaster, LSTMNet
 from stockcast.prices import DataError, load_prices, ticker_name
-from stockcast.registry import RULES, evidence_problem, locked, promote, register
 from stockcast.registry import champion as registry_champion
+from stockcast.registry import locked, promote, register
 from stockcast.tracking import Run
 
 log = logging.getLogger(__name__)
