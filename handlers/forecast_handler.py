@@ -1,8 +1,10 @@
 """TorchServe handler: {"history": [closes]} -> the next `horizon` closes, scaler applied around the model.
 
 It reads window, horizon and the scaler from the archive's meta.json and scaler.json (written by
-stockcast.export) and needs neither Lightning nor stockcast. Every request of a batch is answered on
-its own: a bad one gets a JSON 400 (an unexpected failure a 500) and the others their forecasts.
+stockcast.export), and turns closes into inputs and outputs into prices with stockcast_features.py
+(src/stockcast/features.py, shipped in the archive): it needs neither Lightning nor stockcast.
+Every request of a batch is answered on its own: a bad one gets a JSON 400 (an unexpected failure
+a 500) and the others their forecasts.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import stockcast_features as features  # src/stockcast/features.py, shipped beside this file
 import torch
 from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
@@ -155,16 +158,13 @@ class ForecastHandler(BaseHandler):
 
     def forecast(self, closes: np.ndarray) -> np.ndarray:
         """[B, T] closes -> [B, H] forecast closes."""
-        x = (np.diff(np.log(closes), axis=1) - self.mean) / self.scale  # [B, T-1]
-        x = x[..., None].astype(np.float32)  # [B, T-1, F]
+        x = features.to_inputs(closes, self.mean, self.scale)  # [B, T-1, F]
         if self.session is not None:
             y = self.session.run(None, {"x": x})[0]  # [B, H]
         else:
             with torch.inference_mode():
                 y = self.model(torch.from_numpy(x)).numpy()  # [B, H]
-        returns = y.astype(np.float64) * self.scale + self.mean
-        with np.errstate(over="ignore"):  # an overflow becomes inf, which answer() refuses
-            return closes[:, -1:] * np.exp(np.cumsum(returns, axis=1))
+        return features.to_prices(closes[:, -1], y, self.mean, self.scale)  # inf: answer() refuses
 
     def handle(self, data: list[dict], context) -> list[dict]:
         """One response per request: a forecast, or an error object with a status of its own."""

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import stockcast.backtest
 from stockcast.backtest import COLUMNS, Fold, backtest, folds, run_fold
+from stockcast.evaluation import LEVELS
 from stockcast.prices import DataError, load_prices
 
 # tiny and quick: 20-close windows, 2 epochs of 4 batches, no logger
@@ -139,6 +140,14 @@ def test_planted_drift_is_found_and_every_file_is_written(tmp_path):
         assert 0 <= saved["dm_p_drift"] <= 1 and saved["rmse_ratio"] == pytest.approx(
             saved["model"]["rmse"] / saved["persistence"]["rmse"])
         assert (out / "backtest.png").read_bytes()[:4] == b"\x89PNG"
+        # the interval baselines, from each window's own returns: the CSV's quantiles are ordered
+        # and the JSON's coverage is what they give
+        q = rows[[f"ewma_q{level}" for level in LEVELS]].to_numpy()
+        assert (np.diff(q, axis=1) > 0).all() and np.allclose(q[:, 2], rows["last_close"])
+        inside = ((rows["actual"] >= q[:, 1]) & (rows["actual"] <= q[:, 3])).mean()
+        assert saved["intervals"]["ewma"]["coverage_80"] == pytest.approx(inside)
+        assert set(saved["intervals"]) == {"ewma", "historical"}
+        assert "score_95_ratio_ewma" in saved["intervals"]["historical"]
     # every target day forecast once, in order, each by the fold whose origin precedes it
     assert rows["target_date"].is_monotonic_increasing and rows["target_date"].is_unique
 

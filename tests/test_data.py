@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, random_walk, write_flat_csv
 
-from stockcast.data import StockDataModule, log_returns, make_windows, to_prices
+from stockcast.data import StockDataModule, make_windows
+from stockcast.features import log_returns, to_prices
 from stockcast.prices import DataError, load_prices
 
 

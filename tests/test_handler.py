@@ -29,6 +29,7 @@ def load_service(model_dir):
     finally:
         sys.path.remove(str(model_dir))
         sys.modules.pop("forecast_handler", None)
+        sys.modules.pop("stockcast_features", None)  # the archive's copy, imported by the handler
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +261,9 @@ def test_the_archive_holds_no_pickle(mar):
     with zipfile.ZipFile(mar) as z:
         names = sorted(z.namelist())
         assert names == ["MAR-INF/MANIFEST.json", "forecast_handler.py", "meta.json",
-                         "model-config.yaml", "model.onnx", "scaler.json"]
+                         "model-config.yaml", "model.onnx", "scaler.json", "stockcast_features.py"]
+        # the transform the handler uses is training's, byte for byte
+        assert z.read("stockcast_features.py") == (ROOT / "src" / "stockcast" / "features.py").read_bytes()
         onnx.checker.check_model(onnx.load_from_string(z.read("model.onnx")))  # protobuf
         for name in ("meta.json", "scaler.json", "MAR-INF/MANIFEST.json"):
             json.loads(z.read(name))

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from stockcast.data import Windows, log_returns
+from stockcast.data import Windows
+from stockcast.features import log_returns
 from stockcast.model import LSTMForecaster, LSTMNet
 from stockcast.training import predict
 

@@ -76,9 +76,13 @@ def test_a_short_run_writes_every_artifact(tmp_path):
                             "test_end", "n_test",  # the keys before significance, unchanged
                             "drift", "drift_mean_log_return", "rmse_ratio_drift",
                             "dm_stat_persistence", "dm_p_persistence", "dm_stat_drift", "dm_p_drift",
-                            "always_up", "direction_p"}
+                            "always_up", "direction_p", "intervals"}
     assert set(metrics["model"]) == set(metrics["persistence"]) == set(metrics["drift"]) == METRIC_KEYS
     assert 0 <= metrics["dm_p_persistence"] <= 1 and 0 <= metrics["dm_p_drift"] <= 1
+    # the volatility baselines' intervals on the test split (EWMA: 0.837 / 0.927 on PETR4)
+    ewma = metrics["intervals"]["ewma"]
+    assert 0.75 < ewma["coverage_80"] < 0.9 and 0.9 < ewma["coverage_95"] < 0.98 and ewma["width_95"] > 0
+    assert metrics["intervals"]["historical"]["score_95_ratio_ewma"] > 0
     assert metrics["rmse_ratio_drift"] == pytest.approx(metrics["model"]["rmse"] / metrics["drift"]["rmse"])
     assert metrics == results["test"] and metrics["ticker"] == "PETR4.SA"
     assert metrics["rmse_ratio"] == pytest.approx(

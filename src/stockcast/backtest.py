@@ -18,11 +18,16 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from stockcast.data import StockDataModule, make_windows
 from stockcast.evaluation import (
     BASELINES,
+    INTERVAL_BASELINES,
+    LEVELS,
     always_up,
+    baseline_intervals,
+    compare_intervals,
     diebold_mariano,
     direction_p,
     drift_forecast,
     errors,
+    interval_table,
     persistence_forecast,
     table,
 )
@@ -31,7 +36,10 @@ from stockcast.tracking import Run
 from stockcast.training import NoCheckpoint, RunError, build, fingerprint, fit, predict, run_name
 
 log = logging.getLogger(__name__)
-COLUMNS = ["fold", "origin", "target_date", "step", "last_close", "actual", "model", "persistence", "drift"]
+# the interval baselines' quantiles: ewma_q0.025 .. historical_q0.975
+QUANTILES = [f"{name}_q{level}" for name in INTERVAL_BASELINES for level in LEVELS]
+COLUMNS = ["fold", "origin", "target_date", "step", "last_close", "actual", "model", "persistence", "drift",
+           *QUANTILES]
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,10 @@ def run_fold(cfg: DictConfig, frame: pd.DataFrame, fold: Fold, path: str) -> pd.
                  "persistence": persistence_forecast(test.last_close, horizon),
                  # the drift of this fold's training period (all of it, whatever data.center keeps)
                  "drift": drift_forecast(test.last_close, horizon, float(scaler.train_mean_[0]))}
+    returns = test.inputs[..., 0].astype(np.float64) * scaler.scale_[0] + scaler.mean_[0]  # [N, T]
+    quantiles = {f"{name}_q{level}": q[..., i].ravel()
+                 for name, q in baseline_intervals(test.last_close, returns, horizon).items()
+                 for i, level in enumerate(LEVELS)}
     n = len(test)
     target = np.arange(n)[:, None] + np.arange(horizon)  # [N, H] row of each target, from the origin
     return pd.DataFrame({
@@ -115,6 +127,7 @@ def run_fold(cfg: DictConfig, frame: pd.DataFrame, fold: Fold, path: str) -> pd.
         "last_close": np.repeat(test.last_close, horizon),
         "actual": test.future.ravel(),
         **{k: f.ravel() for k, f in forecasts.items()},
+        **quantiles,
     })[COLUMNS]
 
 
@@ -143,6 +156,10 @@ def pooled(rows: pd.DataFrame, ticker: str) -> dict:
     for name in BASELINES:
         record[f"dm_stat_{name}"], record[f"dm_p_{name}"] = diebold_mariano(
             forecasts["model"], forecasts[name], actual)
+    if set(QUANTILES) <= set(rows.columns):
+        record["intervals"] = compare_intervals(
+            {name: np.stack([wide(f"{name}_q{level}") for level in LEVELS], axis=-1)
+             for name in INTERVAL_BASELINES}, actual, last_close)
 
     def rmse(g: pd.DataFrame, column: str) -> float:
         return float(np.sqrt(np.mean((g[column] - g["actual"]) ** 2)))
@@ -256,5 +273,6 @@ def backtest(cfg: DictConfig) -> dict:
     log.info(f"walk-forward {hp.ticker}: {len(plan)} folds, horizon {hp.horizon}, "
              f"{record['wall_time_s']:.0f} s")
     log.info(table(record))
+    log.info(interval_table(record["intervals"]))
     log.info(f"backtest: {Path(bt.out_dir)}  (run folder: {output_dir})")
     return record

@@ -12,19 +12,8 @@ import torch
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader, TensorDataset
 
+from stockcast.features import log_returns
 from stockcast.prices import DataError, check_ticker, load_prices, resolve
-
-FEATURES = ["log_return"]
-
-
-def log_returns(closes: np.ndarray) -> np.ndarray:
-    """[..., N] closes -> [..., N-1] log returns; they do not change when all prices scale by k."""
-    return np.diff(np.log(closes), axis=-1)
-
-
-def to_prices(last_close: np.ndarray, returns: np.ndarray) -> np.ndarray:
-    """[B] last closes and [B, H] predicted log returns -> [B, H] closes."""
-    return last_close[:, None] * np.exp(np.cumsum(returns, axis=1))
 
 
 @dataclass

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import yaml
 
+from stockcast import features
+from stockcast.features import ARCHIVED_AS
+
 MODEL_NAME = "lstm"
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
 # serving profiles: overrides of handlers/model-config.yaml (measured with make bench, see README)
@@ -60,7 +63,9 @@ def contents(artifacts: Path, handlers: Path, model_format: str, overrides: dict
     """Archive entry name -> its bytes, all from one version of `artifacts`."""
     files = {FORMATS[model_format]: artifacts / FORMATS[model_format],
              "scaler.json": artifacts / "scaler.json", "meta.json": artifacts / "meta.json",
-             "forecast_handler.py": handlers / "forecast_handler.py"}
+             "forecast_handler.py": handlers / "forecast_handler.py",
+             # the handler's transform between prices and the network: the one training uses
+             ARCHIVED_AS: Path(features.__file__)}
     # a training run publishes by swapping the whole folder: files read across a swap come from
     # two versions, which the sha256s in meta.json reveal; a second read sees the new version whole
     missing: list[str] = []
@@ -115,7 +120,7 @@ def build_archive(artifacts: Path, export_path: Path, handlers: Path = Path("han
         out.mkdir()
         for name, data in entries.items():  # the archiver takes files: stage exactly the entries
             (staged / name).write_bytes(data)
-        extra = ",".join(str(staged / n) for n in ("scaler.json", "meta.json"))
+        extra = ",".join(str(staged / n) for n in ("scaler.json", "meta.json", ARCHIVED_AS))
         done = subprocess.run([
             archiver(), "--model-name", MODEL_NAME, "--version", version,
             "--serialized-file", str(staged / FORMATS[model_format]),

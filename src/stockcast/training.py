@@ -23,9 +23,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from sklearn.preprocessing import StandardScaler
 
-from stockcast.data import FEATURES, StockDataModule, Windows, to_prices
-from stockcast.evaluation import compare, plot, table
+from stockcast.data import StockDataModule, Windows
+from stockcast.evaluation import baseline_intervals, compare, compare_intervals, interval_table, plot, table
 from stockcast.export import export_model, sha256
+from stockcast.features import FEATURES, to_prices
 from stockcast.gate import RULES, evidence_problem
 from stockcast.model import LSTMForecaster, LSTMNet
 from stockcast.prices import DataError, load_prices, ticker_name
@@ -93,9 +94,8 @@ def git_state(root: Path) -> tuple[str | None, bool | None]:
 def predict(net: LSTMNet, windows: Windows, scaler: StandardScaler) -> np.ndarray:
     """[N, H] forecast closes for a split's windows, in price units."""
     net.eval()
-    scaled = net(torch.from_numpy(windows.inputs)).numpy().astype(np.float64)  # [N, H]
-    returns = scaled * scaler.scale_[0] + scaler.mean_[0]
-    return to_prices(windows.last_close, returns)
+    outputs = net(torch.from_numpy(windows.inputs)).numpy()  # [N, H]
+    return to_prices(windows.last_close, outputs, scaler.mean_[0], scaler.scale_[0])
 
 
 class NoCheckpoint(RunError):
@@ -157,6 +157,11 @@ def evaluate(forecaster: LSTMForecaster, datamodule: StockDataModule,
     results = {s: compare(f, windows[s].future, windows[s].last_close, windows[s].dates, ticker, split=s,
                           drift=float(getattr(scaler, "train_mean_", scaler.mean_)[0]))
                for s, f in forecasts.items()}
+    for s, record in results.items():  # the range of the next closes: what risk users need
+        w = windows[s]
+        returns = w.inputs[..., 0].astype(np.float64) * scaler.scale_[0] + scaler.mean_[0]
+        record["intervals"] = compare_intervals(
+            baseline_intervals(w.last_close, returns, w.future.shape[1]), w.future, w.last_close)
     return forecasts, results
 
 
@@ -298,6 +303,7 @@ def train(cfg: DictConfig) -> dict:
         forecasts, results = evaluate(forecaster, datamodule)
         run.log_report(results, "report")
         log.info(table(results["test"]))
+        log.info(interval_table(results["test"]["intervals"]))
         log.info(f"val rmse_ratio {results['val']['rmse_ratio']:.4f} (model choices: the walk-forward, "
                  "backtest.py)")
         refit = None
