@@ -15,8 +15,9 @@ from conftest import FORCE, NO_BACKTEST, ROOT, compose_train
 from stockcast.backtest import pooled
 from stockcast.gate import gate
 from stockcast.package import build_archive
+from stockcast.promotion import fingerprint
 from stockcast.tracking import client
-from stockcast.training import fingerprint, train
+from stockcast.training import train
 
 TINY = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=2", "~logger"]
 

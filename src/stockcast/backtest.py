@@ -32,8 +32,9 @@ from stockcast.evaluation import (
     table,
 )
 from stockcast.prices import DataError, load_prices
+from stockcast.promotion import fingerprint
 from stockcast.tracking import Run
-from stockcast.training import NoCheckpoint, RunError, build, fingerprint, fit, predict, run_name
+from stockcast.training import NoCheckpoint, RunError, build, fit, predict, run_name
 
 log = logging.getLogger(__name__)
 # the interval baselines' quantiles: ewma_q0.025 .. historical_q0.975

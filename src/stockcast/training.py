@@ -1,10 +1,9 @@
 """train(cfg) = fit (best val checkpoint) + evaluate (val and test against the baselines) + refit on
-all data + export + register a version (promoted if the gate passes); fit and evaluate are shared
-with the walk-forward backtest."""
+all data + export, then promotion.publish_version (a registered version, the champion if the gate
+passes); fit and evaluate are shared with the walk-forward backtest."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -27,11 +26,8 @@ from stockcast.data import StockDataModule, Windows
 from stockcast.evaluation import baseline_intervals, compare, compare_intervals, interval_table, plot, table
 from stockcast.export import export_model, sha256
 from stockcast.features import FEATURES, to_prices
-from stockcast.gate import RULES, evidence_problem
 from stockcast.model import LSTMForecaster, LSTMNet
 from stockcast.prices import DataError, load_prices, ticker_name
-from stockcast.registry import champion as registry_champion
-from stockcast.registry import locked, promote, register
 from stockcast.tracking import Run
 
 log = logging.getLogger(__name__)
@@ -172,32 +168,6 @@ def through(datamodule: StockDataModule) -> pd.Timestamp:
     return frame.loc[pd.Timestamp(hp.start) : pd.Timestamp(hp.end)].index[-1]
 
 
-# what does not change the learned model: logging, progress, checkpoint file names, data location
-UNLEARNED = {"data": {"end", "val", "test", "source", "snapshot", "cache_dir", "on_suspicious"},
-             "trainer": {"enable_progress_bar", "enable_model_summary", "log_every_n_steps",
-                         "default_root_dir"},
-             "callbacks": {"dirpath", "filename", "auto_insert_metric_name", "save_top_k", "verbose"}}
-LEARNING_CODE = ("data.py", "model.py")  # the windows, the network and its loss
-
-
-def fingerprint(cfg: DictConfig) -> str:
-    """sha256 of what decides the learned model: the data settings but their date range and splits,
-    the model, trainer and callbacks, the early-stopping fraction of the served model's fit, the
-    seeds averaged, and the source of data.py and model.py. A backtest is evidence for a trained
-    model only when the two fingerprints match."""
-    def keep(section: str, tree: dict) -> dict:
-        return {k: keep(section, v) if isinstance(v, dict) else v for k, v in tree.items()
-                if k not in UNLEARNED.get(section, ())}
-
-    what = {k: keep(k, OmegaConf.to_container(cfg[k], resolve=True))
-            for k in ("data", "model", "trainer", "callbacks") if cfg.get(k) is not None}
-    what["refit"] = {"enabled": bool(cfg.refit.enabled), "val": float(cfg.refit.val)}
-    what["seeds"] = int((cfg.get("backtest") or {}).get("seeds") or 1)  # an ensemble is another model
-    here = Path(__file__).parent
-    what["code"] = {f: hashlib.sha256((here / f).read_bytes()).hexdigest() for f in LEARNING_CODE}
-    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def refit_config(cfg: DictConfig) -> DictConfig:
     """cfg for the served model: every close up to cfg.refit.end, early stopping on the last
     cfg.refit.val of them, no test split; its own checkpoints folder."""
@@ -223,6 +193,8 @@ def export(cfg: DictConfig, name: str, report: StockDataModule, served: StockDat
         return {s: [f"{x.dates[0]:%Y-%m-%d}", f"{x.dates[-1]:%Y-%m-%d}"] for s, x in w.items() if len(x)}
 
     last = windows["val"]
+    from stockcast.promotion import fingerprint
+
     export_model(forecaster.net, folder, served.scaler, FEATURES, meta={
         "name": name, "ticker": hp.ticker, "window": hp.window, "horizon": hp.horizon,
         # paths relative to the project root (paths.root); the checkpoint relative to run_dir
@@ -235,7 +207,7 @@ def export(cfg: DictConfig, name: str, report: StockDataModule, served: StockDat
         "git_commit": commit,
         "git_dirty": dirty,
         "seed": cfg.seed,
-        "fingerprint": fingerprint(cfg),
+        "fingerprint": fingerprint(cfg),  # what a walk-forward backtest must share to be evidence
         "run_dir": relative(output_dir, root),
         "checkpoint": relative(checkpoint, output_dir),
         "metrics": results,  # the report's: the classic train/val/test split
@@ -246,40 +218,6 @@ def export(cfg: DictConfig, name: str, report: StockDataModule, served: StockDat
     t = report.splits["test"]
     plot(folder / "forecast.png", t.dates, t.future, forecasts["test"], t.last_close, results["test"])
     return folder
-
-
-def evidence(cfg: DictConfig) -> dict | None:
-    """The walk-forward report the gate judges on (cfg.gate.evidence), if there is one."""
-    path = Path(cfg.gate.evidence)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as err:
-        raise RunError(f"{path}: unreadable walk-forward report ({err}): run backtest.py again") from None
-
-
-def gate_evidence(cfg: DictConfig, meta: dict) -> dict | None:
-    """The walk-forward report the gate judges `meta`'s model on: cfg.gate.evidence, or with
-    gate.backtest=auto (and no gate.force) a backtest run now, to the model's last close, when that
-    file is missing, of another config or code, or older than the model's data."""
-    found = evidence(cfg)
-    rules = {k: cfg.gate.get(k) for k in RULES if cfg.gate.get(k) is not None}
-    if (cfg.gate.get("force") or cfg.gate.get("backtest", "auto") != "auto"
-            or (found is not None and evidence_problem(meta, found, {**RULES, **rules}) is None)):
-        return found
-    from stockcast.backtest import backtest  # it imports this module
-
-    walk = cfg.copy()
-    with open_dict(walk):
-        walk.data.end = cfg.refit.end if cfg.refit.enabled else cfg.data.end
-        walk.paths.output_dir = str(Path(cfg.paths.output_dir) / "backtest")
-        walk.backtest.until = None
-        walk.backtest.out_dir = str(Path(cfg.gate.evidence).parent)
-    log.info(f"the gate needs a walk-forward backtest of this config: running it now "
-             f"(gate.backtest=auto; {Path(cfg.gate.evidence)})")
-    backtest(walk)
-    return evidence(cfg)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -316,6 +254,8 @@ def train(cfg: DictConfig) -> dict:
         folder = export(cfg, name, datamodule, served, forecaster, checkpoint, forecasts, results, refit,
                         sha256(served.path))
         run.log_files(folder, "export")
+        from stockcast.promotion import publish_version  # it imports this module
+
         outcome = publish_version(cfg, name, folder, run)
         ok = True
     except NoCheckpoint as err:
@@ -324,29 +264,3 @@ def train(cfg: DictConfig) -> dict:
     finally:
         run.end(ok)
     return {**results, **outcome}
-
-
-def publish_version(cfg: DictConfig, name: str, folder: Path, run: Run) -> dict:
-    """Register the export as a version and make it the champion if the gate passes (or
-    cfg.gate.force gives a reason); artifacts/<name> follows the champion."""
-    artifacts = Path(cfg.paths.artifacts_dir) / name
-    walk_forward = gate_evidence(cfg, json.loads((folder / "meta.json").read_text()))
-    with locked(cfg.paths.artifacts_dir, name):
-        rules = {k: cfg.gate.get(k) for k in RULES}
-        version = register(run.client, name, folder, run.id, walk_forward, **rules)
-        decision = promote(run.client, name, version, artifacts, walk_forward, cfg.gate.get("force"), **rules)
-    run.tag("stockcast.version", version)
-    if decision.passed or cfg.gate.get("force"):
-        how = "" if decision.passed else f" FORCED past the gate ({cfg.gate.force}): "
-        log.info(f"version {version} is the champion:{how} {decision}")
-        log.info(f"artifacts: {artifacts}  (run folder: {cfg.paths.output_dir})")
-    else:
-        kept = registry_champion(run.client, name)
-        log.warning(f"version {version} NOT promoted, {decision}. "
-                    + (f"Champion stays version {kept} ({artifacts})." if kept else
-                       f"There is no champion: {artifacts} is left as it was.")
-                    + f" The version's files: {folder}."
-                    + f" Override: gate.force='<reason>' or python -m stockcast.registry promote {name} "
-                      f"{version} --force '<reason>'")
-    promoted = decision.passed or bool(cfg.gate.get("force"))
-    return {"version": version, "gate": str(decision), "promoted": promoted}
