@@ -270,3 +270,19 @@ def test_two_trainings_at_once_on_a_fresh_store_each_register_a_version(tmp_path
     assert sorted(int(v.version) for v in versions) == [1, 2]
     champion = client(ROOT).get_model_version_by_alias("petr4", "champion").version
     assert served_version(tmp_path / "a" / "petr4") == str(champion)
+
+
+@pytest.mark.slow
+def test_a_tracking_server_that_is_down_is_one_error_line_not_a_traceback(tmp_path, monkeypatch):
+    from stockcast.serve import free_ports
+
+    [port] = free_ports(1)  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "experiment=petr4", "data.source=csv",
+                           *TINY, f"paths.artifacts_dir={tmp_path / 'a'}",
+                           f"hydra.run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    [error] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert error.startswith(f"error: MLflow store http://127.0.0.1:{port}: ")
+    assert not (tmp_path / "a" / "petr4").exists()

@@ -43,6 +43,23 @@ class RunError(RuntimeError):
     """A run that cannot go on or must not publish; train.py prints it as one `error:` line."""
 
 
+def run_or_exit(step, cfg: DictConfig):
+    """step(cfg) for train.py and backtest.py: the user's errors (a file, the config, the MLflow
+    store) become one `error:` line and exit code 2, never a traceback."""
+    try:
+        return step(cfg)
+    except (DataError, RunError) as err:
+        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        if type(err).__name__ != "MlflowException":  # mlflow is imported only where it is used
+            raise
+        from stockcast.tracking import tracking_uri
+
+        print(f"error: MLflow store {tracking_uri(cfg.paths.root)}: {' '.join(str(err).split())[:300]}",
+              file=sys.stderr)
+    sys.exit(2)
+
+
 def one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())  # Hydra's and OmegaConf's messages span several lines
     if isinstance(err, ValueError) and text:
