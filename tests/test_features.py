@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stockcast.features import FEATURES, log_returns, to_inputs, to_prices
+from stockcast.features import FEATURES, input_returns, log_returns, to_inputs, to_prices
 
 
 def test_inputs_are_standardised_log_returns():
@@ -14,6 +14,7 @@ def test_inputs_are_standardised_log_returns():
     assert x.shape == (1, 3, len(FEATURES)) and x.dtype == np.float32
     expected = (np.log([1.1, 0.9, 1.1]) - 0.01) / 0.1
     np.testing.assert_allclose(x[0, :, 0], expected, rtol=1e-6)
+    np.testing.assert_allclose(input_returns(x, 0.01, 0.1)[0], np.log([1.1, 0.9, 1.1]), rtol=1e-6)
 
 
 def test_prices_compound_the_unstandardised_outputs_from_the_last_close():

@@ -286,3 +286,17 @@ def test_a_tracking_server_that_is_down_is_one_error_line_not_a_traceback(tmp_pa
     [error] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert error.startswith(f"error: MLflow store http://127.0.0.1:{port}: ")
     assert not (tmp_path / "a" / "petr4").exists()
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "{not json"])
+def test_an_unreadable_evidence_file_is_a_one_line_run_error(tmp_path, text):
+    from omegaconf import OmegaConf
+
+    from stockcast.promotion import evidence
+    from stockcast.training import RunError
+
+    path = tmp_path / "backtest.json"
+    path.write_text(text)
+    with pytest.raises(RunError, match="backtest.json: not a .*walk-forward report.*: run backtest.py again"):
+        evidence(OmegaConf.create({"gate": {"evidence": str(path)}}))
+    assert evidence(OmegaConf.create({"gate": {"evidence": str(tmp_path / "none.json")}})) is None

@@ -31,6 +31,7 @@ from stockcast.evaluation import (
     persistence_forecast,
     table,
 )
+from stockcast.features import input_returns
 from stockcast.prices import DataError, load_prices
 from stockcast.promotion import fingerprint
 from stockcast.tracking import Run
@@ -114,7 +115,7 @@ def run_fold(cfg: DictConfig, frame: pd.DataFrame, fold: Fold, path: str) -> pd.
                  "persistence": persistence_forecast(test.last_close, horizon),
                  # the drift of this fold's training period (all of it, whatever data.center keeps)
                  "drift": drift_forecast(test.last_close, horizon, float(scaler.train_mean_[0]))}
-    returns = test.inputs[..., 0].astype(np.float64) * scaler.scale_[0] + scaler.mean_[0]  # [N, T]
+    returns = input_returns(test.inputs, scaler.mean_[0], scaler.scale_[0])  # [N, T]
     quantiles = {f"{name}_q{level}": q[..., i].ravel()
                  for name, q in baseline_intervals(test.last_close, returns, horizon).items()
                  for i, level in enumerate(LEVELS)}

@@ -22,6 +22,12 @@ def to_inputs(closes: np.ndarray, mean: float, scale: float) -> np.ndarray:
     return ((log_returns(closes) - mean) / scale)[..., None].astype(np.float32)
 
 
+def input_returns(inputs: np.ndarray, mean: float, scale: float) -> np.ndarray:
+    """[B, T-1, F] network inputs -> [B, T-1] the window's log returns (to_inputs undone), for the
+    volatility baselines that read the same window."""
+    return inputs[..., 0].astype(np.float64) * scale + mean
+
+
 def to_prices(last_close: np.ndarray, outputs: np.ndarray, mean: float = 0.0,
               scale: float = 1.0) -> np.ndarray:
     """[B] last closes and [B, H] network outputs (standardised log returns of the next H closes;

@@ -12,8 +12,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from stockcast.gate import RULES, evidence_problem
+from stockcast.registry import RegistryError, locked, promote, read_evidence, register
 from stockcast.registry import champion as registry_champion
-from stockcast.registry import locked, promote, register
 from stockcast.tracking import Run
 from stockcast.training import RunError
 
@@ -48,12 +48,12 @@ def fingerprint(cfg: DictConfig) -> str:
 def evidence(cfg: DictConfig) -> dict | None:
     """The walk-forward report the gate judges on (cfg.gate.evidence), if there is one."""
     path = Path(cfg.gate.evidence)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
+    if not path.exists():
         return None
-    except (OSError, ValueError) as err:
-        raise RunError(f"{path}: unreadable walk-forward report ({err}): run backtest.py again") from None
+    try:
+        return read_evidence(path)
+    except RegistryError as err:
+        raise RunError(f"{err}: run backtest.py again") from None
 
 
 def gate_evidence(cfg: DictConfig, meta: dict) -> dict | None:

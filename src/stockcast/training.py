@@ -25,7 +25,7 @@ from sklearn.preprocessing import StandardScaler
 from stockcast.data import StockDataModule, Windows
 from stockcast.evaluation import baseline_intervals, compare, compare_intervals, interval_table, plot, table
 from stockcast.export import export_model, sha256
-from stockcast.features import FEATURES, to_prices
+from stockcast.features import FEATURES, input_returns, to_prices
 from stockcast.model import LSTMForecaster, LSTMNet
 from stockcast.prices import DataError, load_prices, ticker_name
 from stockcast.tracking import Run
@@ -172,7 +172,7 @@ def evaluate(forecaster: LSTMForecaster, datamodule: StockDataModule,
                for s, f in forecasts.items()}
     for s, record in results.items():  # the range of the next closes: what risk users need
         w = windows[s]
-        returns = w.inputs[..., 0].astype(np.float64) * scaler.scale_[0] + scaler.mean_[0]
+        returns = input_returns(w.inputs, scaler.mean_[0], scaler.scale_[0])
         record["intervals"] = compare_intervals(
             baseline_intervals(w.last_close, returns, w.future.shape[1]), w.future, w.last_close)
     return forecasts, results
