@@ -199,6 +199,7 @@ def test_a_run_that_did_not_train_publishes_nothing(tmp_path, overrides):
         ("data.on_suspicious=ignore", DataError, "data.on_suspicious must be warn or error"),
         ("data.window=2", DataError, "window must be >= 3 and horizon >= 1 (got 2, 1)"),
         ("name=../../etc", RunError, "name '../../etc' must be a plain folder name"),
+        ("gate.min_forecasts=abc", RunError, "gate.min_forecasts must be a number, not 'abc'"),
     ],
 )
 def test_config_errors_are_one_line_naming_the_key(tmp_path, override, error, message):

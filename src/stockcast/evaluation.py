@@ -298,13 +298,13 @@ def baseline_intervals(last_close: np.ndarray, returns: np.ndarray, horizon: int
 
 def interval_table(record: dict) -> str:
     """compare_intervals()'s record as text: coverage against the nominal level, width, scores."""
-    rows = [f"{'intervals':<14}{'cov 80%':>9}{'p':>6}{'cov 95%':>9}{'p':>6}{'width80%':>10}"
+    rows = [f"{'intervals':<14}{'cov 80%':>9}{'p':>8}{'cov 95%':>9}{'p':>8}{'width80%':>10}"
             f"{'score80':>9}{'score95':>9}{'pinball':>9}  {'score95 vs EWMA (DM p)'}"]
     for name, r in record.items():
         versus = (f"{r['score_95_ratio_ewma']:.3f} ({fmt_p(r['score_95_dm_p_ewma'])})"
                   if "score_95_ratio_ewma" in r else "")
-        rows.append(f"{name:<14}{r['coverage_80']:>9.3f}{fmt_p(r['coverage_80_p']):>6}{r['coverage_95']:>9.3f}"
-                    f"{fmt_p(r['coverage_95_p']):>6}{r['width_80']:>10.2f}{r['score_80']:>9.2f}"
+        rows.append(f"{name:<14}{r['coverage_80']:>9.3f}{fmt_p(r['coverage_80_p']):>8}{r['coverage_95']:>9.3f}"
+                    f"{fmt_p(r['coverage_95_p']):>8}{r['width_80']:>10.2f}{r['score_80']:>9.2f}"
                     f"{r['score_95']:>9.2f}{r['pinball']:>9.3f}  {versus}".rstrip())
     rows.append("cov: share of closes inside the interval, p: binomial against 80% / 95%; width, scores "
                 "(Winkler) and pinball in % of the last close, lower is better")

@@ -181,11 +181,14 @@ def read_evidence(path: Path) -> dict:
 
 
 def default_root() -> Path:
-    """STOCKCAST_ROOT, else this checkout (src/stockcast/../..), else the current folder."""
+    """STOCKCAST_ROOT, else the current folder if it is a checkout (as for train.py run there),
+    else the checkout this package is installed from, else the current folder."""
     if os.environ.get("STOCKCAST_ROOT"):
         return Path(os.environ["STOCKCAST_ROOT"])
-    checkout = Path(__file__).resolve().parents[2]
-    return checkout if (checkout / "configs" / "train.yaml").exists() else Path.cwd()
+    for checkout in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        if (checkout / "configs" / "train.yaml").exists():
+            return checkout
+    return Path.cwd()
 
 
 def main() -> None:

@@ -242,6 +242,9 @@ def train(cfg: DictConfig) -> dict:
     (the served model), export, register a version, and promote it if the gate passes; return
     {"test": metrics.json record, "val": the same on val, "version", "gate"}."""
     name = run_name(cfg)
+    for key in ("alpha", "min_forecasts", "min_folds", "max_age_days"):  # before any fitting
+        if not isinstance(cfg.gate.get(key), (int, float)) or isinstance(cfg.gate.get(key), bool):
+            raise RunError(f"gate.{key} must be a number, not {cfg.gate.get(key)!r}")
     final_cfg = refit_config(cfg) if cfg.refit.enabled else None
     served = datamodule = build(cfg, "data")
     if final_cfg is not None:  # one download, for the refit's wider range; the report takes its part
