@@ -1,4 +1,5 @@
-"""TorchServe handler: {"history": [closes]} -> the next `horizon` closes, scaler applied around the model.
+"""TorchServe handler: {"history": [closes]} -> the next `horizon` closes and, from a quantile model,
+their 80% and 95% intervals; the scaler applied around the model.
 
 It reads window, horizon and the scaler from the archive's meta.json and scaler.json (written by
 stockcast.export), and turns closes into inputs and outputs into prices with stockcast_features.py
@@ -20,6 +21,7 @@ import numpy as np
 import stockcast_features as features  # src/stockcast/features.py, shipped beside this file
 import torch
 from ts.metrics.dimension import Dimension
+from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,8 @@ class ForecastHandler(BaseHandler):
         scaler = json.loads((model_dir / meta["scaler_file"]).read_text())
         self.mean, self.scale = float(scaler["mean"][0]), float(scaler["scale"][0])
         self.window, self.horizon = int(meta["window"]), int(meta["horizon"])
+        self.levels = [float(x) for x in meta.get("levels") or []]  # [] for a point model
+        self.intervals = features.interval_pairs(self.levels)  # [(0.8, lower, upper), (0.95, ...)]
         settings = (context.model_yaml_config or {}).get("handler", {})
         self.max_history = int(settings.get("max_history", 10000))
         self.max_daily_move = float(settings.get("max_daily_move", 0.69))
@@ -156,15 +160,16 @@ class ForecastHandler(BaseHandler):
                 "(unadjusted split or a typo?)")
         return closes
 
-    def forecast(self, closes: np.ndarray) -> np.ndarray:
-        """[B, T] closes -> [B, H] forecast closes."""
+    def forecast(self, closes: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """[B, T] closes -> ([B, H] forecast closes, [B, H, Q] quantile closes or None)."""
         x = features.to_inputs(closes, self.mean, self.scale)  # [B, T-1, F]
         if self.session is not None:
-            y = self.session.run(None, {"x": x})[0]  # [B, H]
+            y = self.session.run(None, {"x": x})[0]  # [B, H] or [B, H, Q]
         else:
             with torch.inference_mode():
-                y = self.model(torch.from_numpy(x)).numpy()  # [B, H]
-        return features.to_prices(closes[:, -1], y, self.mean, self.scale)  # inf: answer() refuses
+                y = self.model(torch.from_numpy(x)).numpy()
+        # inf: answer() refuses
+        return features.to_forecasts(closes[:, -1], y, self.mean, self.scale, self.levels)
 
     def handle(self, data: list[dict], context) -> list[dict]:
         """One response per request: a forecast, or an error object with a status of its own."""
@@ -179,29 +184,51 @@ class ForecastHandler(BaseHandler):
             except Exception as err:  # noqa: BLE001 - each request fails alone, whatever the cause
                 results[i] = self.fail(context, i, err)
         if good:
+            closes = np.stack(list(good.values()))  # [B, T]
             try:  # the whole batch in one forward pass
-                forecasts = dict(zip(good, self.forecast(np.stack(list(good.values()))), strict=True))
+                point, quantiles = self.forecast(closes)
+                forecasts = {i: (point[k], None if quantiles is None else quantiles[k])
+                             for k, i in enumerate(good)}
             except Exception:  # noqa: BLE001 - find the request that breaks it: one by one
                 forecasts = {}
-                for i, closes in good.items():
+                for i, one in good.items():
                     try:
-                        forecasts[i] = self.forecast(closes[None])[0]
+                        point, quantiles = self.forecast(one[None])
+                        forecasts[i] = (point[0], None if quantiles is None else quantiles[0])
                     except Exception as err:  # noqa: BLE001
                         results[i] = self.fail(context, i, err)
-            for i, f in forecasts.items():
-                results[i] = self.answer(context, i, f)
-            served = sum(1 for i in forecasts if "forecast" in results[i])
+            for i, (point, quantiles) in forecasts.items():
+                results[i] = self.answer(context, i, point, quantiles)
+            served = [i for i in forecasts if "forecast" in results[i]]
             if served:
-                self.count(context, "ForecastsServed", served)
+                self.count(context, "ForecastsServed", len(served))
+                self.track_widths(context, [results[i] for i in served], [good[i][-1] for i in served])
         return results
 
-    def answer(self, context, idx: int, forecast: np.ndarray) -> dict:
-        if not np.isfinite(forecast).all():  # finite prices whose forecast overflows
-            return self.fail(context, idx, self.BadRequest(
+    def answer(self, context, idx: int, forecast: np.ndarray, quantiles: np.ndarray | None) -> dict:
+        """[H] closes and [H, Q] quantile closes (or None) -> the response object."""
+        if not np.isfinite(forecast).all() or (quantiles is not None and not np.isfinite(quantiles).all()):
+            return self.fail(context, idx, self.BadRequest(  # finite prices whose forecast overflows
                 "forecast_overflow", "prices too large: the forecast is not finite"))
         context.set_response_content_type(idx, "application/json")
-        return {"prediction": float(forecast[0]), "forecast": forecast.tolist(),
-                "window": self.window, "horizon": self.horizon, "model": self.info}
+        out = {"prediction": float(forecast[0]), "forecast": forecast.tolist(),
+               "window": self.window, "horizon": self.horizon, "model": self.info}
+        if quantiles is not None:
+            out["intervals"] = [{"level": level, "lower": quantiles[:, lo].tolist(),
+                                 "upper": quantiles[:, hi].tolist()} for level, lo, hi in self.intervals]
+        return out
+
+    def track_widths(self, context, answers: list[dict], last_closes: list[float]) -> None:
+        """IntervalWidth: the mean width of the served first-step intervals in % of the last close,
+        per nominal level; it follows market volatility (and jumps with it)."""
+        if not self.intervals:
+            return
+        for k, (level, _, _) in enumerate(self.intervals):
+            width = np.mean([(a["intervals"][k]["upper"][0] - a["intervals"][k]["lower"][0]) / last
+                             for a, last in zip(answers, last_closes, strict=True)])
+            context.metrics.add_metric("IntervalWidth", round(100 * float(width), 4), unit="percent",
+                                       dimensions=self.dimensions(Dimension("Interval", f"{100 * level:g}")),
+                                       metric_type=MetricTypes.GAUGE)
 
     def fail(self, context, idx: int, err: Exception) -> dict:
         """The error object of one request, TorchServe's {code, type, message} plus our reason."""
@@ -222,7 +249,9 @@ class ForecastHandler(BaseHandler):
                 "reason": reason}
 
     def count(self, context, name: str, value: int, *extra: Dimension) -> None:
+        context.metrics.add_counter(name, value, dimensions=self.dimensions(*extra))
+
+    def dimensions(self, *extra: Dimension) -> list[Dimension]:
         # a fresh list each time: TorchServe appends default dimensions to the list it is given
-        dims = [Dimension("ModelName", self.info["name"]), Dimension("Level", "Model"),
+        return [Dimension("ModelName", self.info["name"]), Dimension("Level", "Model"),
                 Dimension("ModelVersion", self.info["version"]), *extra]
-        context.metrics.add_counter(name, value, dimensions=dims)

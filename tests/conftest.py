@@ -63,8 +63,8 @@ def write_flat_csv(path: Path, frame: pd.DataFrame) -> Path:
     return path
 
 
-def forecast_from_export(folder: Path, history: np.ndarray) -> np.ndarray:
-    """[B, >=window] closes -> [B, horizon] closes using only model.pt, scaler.json, meta.json."""
+def outputs_from_export(folder: Path, history: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict, dict]:
+    """([B] last closes, the network's outputs, meta.json, scaler.json) from model.pt alone."""
     meta = json.loads((folder / "meta.json").read_text())
     scaler = json.loads((folder / "scaler.json").read_text())
     model = torch.jit.load(str(folder / "model.pt"))
@@ -72,7 +72,23 @@ def forecast_from_export(folder: Path, history: np.ndarray) -> np.ndarray:
     x = (np.diff(np.log(closes), axis=1) - scaler["mean"][0]) / scaler["scale"][0]
     with torch.no_grad():
         y = model(torch.tensor(x[..., None], dtype=torch.float32)).double().numpy()
-    return closes[:, -1:] * np.exp(np.cumsum(y * scaler["scale"][0] + scaler["mean"][0], axis=1))
+    return closes[:, -1], y, meta, scaler
+
+
+def quantiles_from_export(folder: Path, history: np.ndarray) -> np.ndarray:
+    """[B, H, Q] quantile closes of a quantile model: its outputs are standardised cumulative moves."""
+    last, y, meta, scaler = outputs_from_export(folder, history)
+    steps = np.arange(1, meta["horizon"] + 1)[None, :, None]
+    return last[:, None, None] * np.exp(y * scaler["scale"][0] + scaler["mean"][0] * steps)
+
+
+def forecast_from_export(folder: Path, history: np.ndarray) -> np.ndarray:
+    """[B, >=window] closes -> [B, horizon] closes using only model.pt, scaler.json, meta.json:
+    a point model's returns summed, or a quantile model's median."""
+    last, y, meta, scaler = outputs_from_export(folder, history)
+    if meta.get("levels"):
+        return quantiles_from_export(folder, history)[..., meta["levels"].index(0.5)]
+    return last[:, None] * np.exp(np.cumsum(y * scaler["scale"][0] + scaler["mean"][0], axis=1))
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import stockcast.backtest
-from stockcast.backtest import COLUMNS, Fold, backtest, folds, run_fold
+from stockcast.backtest import COLUMNS, Fold, backtest, folds, quantile_columns, run_fold
 from stockcast.evaluation import LEVELS
 from stockcast.prices import DataError, load_prices
 
@@ -130,7 +130,7 @@ def test_planted_drift_is_found_and_every_file_is_written(tmp_path):
     assert record["drift"]["directional_accuracy"] > 0.8 and record["always_up"] > 0.8
     for out in (tmp_path / "run", tmp_path / "artifacts" / "backtest" / "petr4"):
         rows = pd.read_csv(out / "backtest.csv")
-        assert list(rows.columns) == COLUMNS and len(rows) == record["n_test"]
+        assert list(rows.columns) == COLUMNS + quantile_columns(LEVELS) and len(rows) == record["n_test"]
         saved = json.loads((out / "backtest.json").read_text())
         assert {"mae_ratio", "mae_ratio_drift", "rmse_ratio", "rmse_ratio_drift", "dm_stat_persistence",
                 "dm_p_persistence", "dm_stat_drift", "dm_p_drift", "always_up", "direction_p", "folds",
@@ -146,8 +146,14 @@ def test_planted_drift_is_found_and_every_file_is_written(tmp_path):
         assert (np.diff(q, axis=1) > 0).all() and np.allclose(q[:, 2], rows["last_close"])
         inside = ((rows["actual"] >= q[:, 1]) & (rows["actual"] <= q[:, 3])).mean()
         assert saved["intervals"]["ewma"]["coverage_80"] == pytest.approx(inside)
-        assert set(saved["intervals"]) == {"ewma", "historical"}
+        assert set(saved["intervals"]) == {"model", "ewma", "historical"}
         assert "score_95_ratio_ewma" in saved["intervals"]["historical"]
+        # the model's own quantiles (calibrated in each fold), ordered, their median its point forecast
+        m = rows[[f"model_q{level}" for level in LEVELS]].to_numpy()
+        assert (np.diff(m, axis=1) > 0).all() and np.allclose(m[:, 2], rows["model"], rtol=1e-9)
+        inside = ((rows["actual"] >= m[:, 0]) & (rows["actual"] <= m[:, 4])).mean()
+        assert saved["intervals"]["model"]["coverage_95"] == pytest.approx(inside)
+        assert "score_80_dm_p_ewma" in saved["intervals"]["model"]
     # every target day forecast once, in order, each by the fold whose origin precedes it
     assert rows["target_date"].is_monotonic_increasing and rows["target_date"].is_unique
 

@@ -126,7 +126,7 @@ def test_center_sets_how_much_training_drift_is_added_back(walk, center):
     returns = t.targets.astype(np.float64) * scaler.scale_[0] + scaler.mean_[0]
     np.testing.assert_allclose(to_prices(t.last_close, returns), t.future, rtol=1e-5)
     # the untrained network (its head starts at zero) forecasts persistence times center * drift
-    forecast = predict(LSTMNet(horizon=3), t, scaler)
+    forecast = predict(LSTMNet(horizon=3), t, scaler)[0]
     np.testing.assert_allclose(forecast, t.last_close[:, None] * np.exp(center * mean * np.arange(1, 4)),
                                rtol=1e-9)
 

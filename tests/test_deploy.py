@@ -75,7 +75,7 @@ def test_dashboard_metric_names() -> None:
     assert dashboard_metric_names() == {
         "ts_inference_latency_microseconds", "ts_inference_requests_total",
         "ts_queue_latency_microseconds", "Requests2XX", "Requests4XX", "Requests5XX",
-        "CPUUtilization", "MemoryUsed", "ForecastsServed", "RequestsRejected"}
+        "CPUUtilization", "MemoryUsed", "ForecastsServed", "RequestsRejected", "IntervalWidth"}
 
 
 @pytest.mark.parametrize(("expr", "names"), [

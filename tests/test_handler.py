@@ -9,7 +9,8 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import ROOT, closes, forecast_from_export
+from stockcast.data import Windows
+from conftest import ROOT, closes, forecast_from_export, quantiles_from_export
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.model_loader import TsModelLoader
 from ts.service import Service
@@ -83,10 +84,46 @@ def test_only_the_last_window_closes_are_used(service):
 
 
 @pytest.mark.parametrize("k", [0.01, 3, 100])
-def test_forecast_scales_with_the_history(service, k):
+def test_forecast_and_intervals_scale_with_the_history(service, k):
     [(_, base)], [(_, scaled)] = predict(service, GOOD), predict(
         service, {"history": [k * x for x in GOOD["history"]]})
     np.testing.assert_allclose(scaled["forecast"], np.multiply(k, base["forecast"]), rtol=1e-5)
+    for a, b in zip(base["intervals"], scaled["intervals"], strict=True):
+        assert a["level"] == b["level"]
+        for side in ("lower", "upper"):
+            np.testing.assert_allclose(b[side], np.multiply(k, a[side]), rtol=1e-5)
+
+
+def test_intervals_are_the_lightning_models_quantiles(service, artifacts):
+    """The served 80% and 95% intervals are the quantiles of the model that training evaluated
+    (its val-best checkpoint), through the exported file and the archive's transform."""
+    from stockcast.model import LSTMForecaster
+    from stockcast.training import predict as lightning_predict
+
+    meta = json.loads((artifacts / "meta.json").read_text())
+    assert meta["levels"] == [0.025, 0.1, 0.5, 0.9, 0.975]
+    root = artifacts.parent.parent
+    forecaster = LSTMForecaster.load_from_checkpoint(root / meta["run_dir"] / meta["checkpoint"])
+
+    class Scaler:  # scaler.json as the fitted StandardScaler's attributes
+        mean_ = np.array(json.loads((artifacts / "scaler.json").read_text())["mean"])
+        scale_ = np.array(json.loads((artifacts / "scaler.json").read_text())["scale"])
+
+    history = closes(batch=3, seed=5)
+    x = ((np.diff(np.log(history), axis=1) - Scaler.mean_[0]) / Scaler.scale_[0])[..., None]
+    windows = Windows(x.astype(np.float32), None, history[:, -1], None, None)
+    point, quantiles = lightning_predict(forecaster.net, windows, Scaler())
+    answers = predict(service, *({"history": h.tolist()} for h in history))
+    for (status, body), q, p in zip(answers, quantiles, point, strict=True):
+        assert status == 200
+        assert [iv["level"] for iv in body["intervals"]] == [0.8, 0.95]
+        np.testing.assert_allclose(body["forecast"], p, rtol=1e-5)
+        eighty, ninety_five = body["intervals"]
+        np.testing.assert_allclose([eighty["lower"], eighty["upper"]], q[:, [1, 3]].T, rtol=1e-5)
+        np.testing.assert_allclose([ninety_five["lower"], ninety_five["upper"]], q[:, [0, 4]].T, rtol=1e-5)
+        # nested and around the point: 95% lower < 80% lower < point < 80% upper < 95% upper
+        assert ninety_five["lower"][0] < eighty["lower"][0] < p[0] < eighty["upper"][0] < ninety_five["upper"][0]
+    np.testing.assert_allclose(quantiles, quantiles_from_export(artifacts, history), rtol=1e-5)
 
 
 def history_with(value, at: int = 17) -> dict:
@@ -240,6 +277,16 @@ def test_counters_are_emitted_with_the_model_version_and_the_rejection_reason(se
                 "Reason:too_short|")
     assert sum(m.startswith(served) for m in lines) == 1
     assert sum(m.startswith(rejected) for m in lines) == 2
+    # the served intervals' mean width in % of the last close, one gauge per nominal level
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ts.metrics.caching_metric"):
+        [(_, answer)] = predict(service, GOOD)
+    lines = [r.getMessage().removeprefix("[METRICS]") for r in caplog.records]
+    for k, level in enumerate(("80", "95")):
+        iv = answer["intervals"][k]
+        width = 100 * (iv["upper"][0] - iv["lower"][0]) / GOOD["history"][-1]
+        prefix = f"IntervalWidth.Percent:{round(width, 4)}|#ModelName:lstm,Level:Model,ModelVersion:{version},Interval:{level}|"
+        assert sum(m.startswith(prefix) for m in lines) == 1, (prefix, lines)
 
 
 def test_a_tampered_scaler_is_refused_at_load(model_dir, tmp_path, caplog):

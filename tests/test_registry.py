@@ -17,6 +17,7 @@ from stockcast.gate import gate
 from stockcast.package import build_archive
 from stockcast.promotion import fingerprint
 from stockcast.tracking import client
+from stockcast.evaluation import LEVELS
 from stockcast.training import train
 
 TINY = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=2", "~logger"]
@@ -58,6 +59,26 @@ def test_gate_accepts_a_model_not_significantly_worse_and_refuses_a_worse_one():
     refused = gate(meta_for(worse), worse)
     assert not refused.passed
     assert "significantly worse than persistence (RMSE ratio" in str(refused) and "drift" in str(refused)
+
+
+def test_gate_refuses_intervals_significantly_worse_than_ewma():
+    from scipy.stats import norm
+
+    def with_quantiles(model_sigma: float) -> dict:
+        frame = rows(0.0005)
+        z = norm.ppf(LEVELS)
+        for name, sigma in (("model", model_sigma), ("ewma", 0.02), ("historical", 0.02)):
+            for level, zz in zip(LEVELS, z, strict=True):
+                frame[f"{name}_q{level}"] = frame["last_close"] * np.exp(zz * sigma)
+        record = pooled(frame, "X.SA")
+        return {**record, "fingerprint": "a" * 64, "data_end": record["test_end"], "until": None}
+
+    right, narrow = with_quantiles(0.02), with_quantiles(0.006)  # the random walk's sigma is 0.02
+    assert gate(meta_for(right), right).passed
+    decision = gate(meta_for(narrow), narrow)
+    assert narrow["intervals"]["model"]["coverage_95"] < 0.5
+    assert not decision.passed and "significantly worse than EWMA's 80% intervals (interval score ratio" in str(
+        decision) and "EWMA's 95% intervals" in str(decision)
 
 
 def test_a_significantly_better_model_passes():

@@ -81,7 +81,8 @@ def test_metrics_count_forecasts_and_rejections_by_model_version(server, artifac
     before = scrape(server)
     good, bad = 7, 3
     for i in range(good):
-        assert post(server, json.dumps({"history": closes(seed=i).tolist()}))[0] == 200
+        status, answer = post(server, json.dumps({"history": closes(seed=i).tolist()}))
+        assert status == 200
     for _ in range(bad):
         assert post(server, '{"history": [1]}')[0] == 400
     after = scrape(server)
@@ -100,6 +101,13 @@ def test_metrics_count_forecasts_and_rejections_by_model_version(server, artifac
     # the frontend counts every answer on every port: +1 for the `before` scrape itself
     assert delta("Requests2XX") == good + 1 and delta("Requests4XX") == bad
     assert delta("ts_inference_latency_microseconds", model_name="lstm") > 0
+    # the gauge holds the last batch's mean interval width in % of the last close: the last answer's
+    last = closes(seed=good - 1)[-1]
+    for iv in answer["intervals"]:
+        width = 100 * (iv["upper"][0] - iv["lower"][0]) / last
+        level = f"{100 * iv['level']:g}"
+        assert counter(after, "IntervalWidth", Interval=level, ModelVersion=version) == pytest.approx(
+            width, abs=1e-3)
 
 
 def test_every_dashboard_metric_exists_in_a_real_scrape(server):

@@ -20,6 +20,7 @@ from conftest import (
     ROOT,
     compose_train,
     forecast_from_export,
+    quantiles_from_export,
     random_walk,
     write_flat_csv,
 )
@@ -192,7 +193,7 @@ def test_a_run_that_did_not_train_publishes_nothing(tmp_path, overrides):
 @pytest.mark.parametrize(
     ("override", "error", "message"),
     [
-        ("model.loss=mae", RunError, "model: loss must be huber or mse, not 'mae'"),
+        ("model.loss=mae", RunError, "model: model.loss must be huber, mse or pinball, not 'mae'"),
         ("model.hidden_size=abc", RunError, "model: TypeError: hidden_size should be of type int"),
         ("callbacks.early_stopping.patience=${nope}", RunError,
          "callbacks.early_stopping: Interpolation key 'nope' not found"),
@@ -209,20 +210,36 @@ def test_config_errors_are_one_line_naming_the_key(tmp_path, override, error, me
     assert not (tmp_path / "artifacts").exists()
 
 
-@pytest.mark.parametrize("horizon", [1, 5])
-def test_export_round_trip_matches_the_lightning_checkpoint(tmp_path, horizon):
-    cfg = compose_train(tmp_path, "experiment=petr4", f"data.horizon={horizon}", *QUICK)
+@pytest.mark.parametrize("horizon, loss, calibrate", [(1, "pinball", True), (5, "pinball", False),
+                                                     (5, "huber", False)])
+def test_export_round_trip_matches_the_lightning_checkpoint(tmp_path, horizon, loss, calibrate):
+    cfg = compose_train(tmp_path, "experiment=petr4", f"data.horizon={horizon}", f"model.loss={loss}",
+                        f"model.calibrate={calibrate}", *QUICK)
     train(cfg)
     out = tmp_path / "artifacts" / "petr4"
     meta = json.loads((out / "meta.json").read_text())
     forecaster = LSTMForecaster.load_from_checkpoint(tmp_path / "run" / meta["checkpoint"]).eval()
+    if calibrate:  # the checkpoint holds the conformal factors meta.json reports (rounded there)
+        factors = forecaster.net.calibration.numpy()
+        np.testing.assert_allclose(factors, meta["calibration"]["factors"], atol=1e-4)
+        assert meta["calibration"]["n"] > 100 and not np.allclose(factors, 1.0)
+    else:
+        assert meta["calibration"] is None and (forecaster.net.calibration == 1).all()
     scaler = json.loads((out / "scaler.json").read_text())
     history = 30 * np.exp(np.cumsum(np.random.default_rng(0).normal(0, 0.02, (6, 80)), axis=1))
     # the reference: the checkpointed LightningModule, with the scaler applied by hand
     x = (np.diff(np.log(history[:, -60:]), axis=1) - scaler["mean"][0]) / scaler["scale"][0]
     with torch.no_grad():
         y = forecaster(torch.tensor(x[..., None], dtype=torch.float32)).double().numpy()
-    expected = history[:, -1:] * np.exp(np.cumsum(y * scaler["scale"][0] + scaler["mean"][0], 1))
+    mean, scale = scaler["mean"][0], scaler["scale"][0]
+    if loss == "pinball":  # quantiles of the cumulative move to each step; the median is the point
+        assert y.shape == (6, horizon, 5) and meta["levels"] == [0.025, 0.1, 0.5, 0.9, 0.975]
+        quantiles = history[:, -1:, None] * np.exp(y * scale + mean * np.arange(1, horizon + 1)[:, None])
+        np.testing.assert_allclose(quantiles_from_export(out, history), quantiles, rtol=1e-5)
+        expected = quantiles[..., 2]
+    else:
+        assert meta["levels"] == [] and meta["calibration"] is None
+        expected = history[:, -1:] * np.exp(np.cumsum(y * scale + mean, 1))
     got = forecast_from_export(out, history)
     assert got.shape == (6, horizon)
     np.testing.assert_allclose(got, expected, rtol=1e-5)

@@ -19,7 +19,6 @@ from stockcast.data import StockDataModule, make_windows
 from stockcast.evaluation import (
     BASELINES,
     INTERVAL_BASELINES,
-    LEVELS,
     always_up,
     baseline_intervals,
     compare_intervals,
@@ -31,17 +30,19 @@ from stockcast.evaluation import (
     persistence_forecast,
     table,
 )
-from stockcast.features import input_returns
+from stockcast.features import input_returns, interval_pairs
 from stockcast.prices import DataError, load_prices
 from stockcast.promotion import fingerprint
 from stockcast.tracking import Run
-from stockcast.training import NoCheckpoint, RunError, build, fit, predict, run_name
+from stockcast.training import NoCheckpoint, RunError, build, fit, levels_of, predict, run_name
 
 log = logging.getLogger(__name__)
-# the interval baselines' quantiles: ewma_q0.025 .. historical_q0.975
-QUANTILES = [f"{name}_q{level}" for name in INTERVAL_BASELINES for level in LEVELS]
-COLUMNS = ["fold", "origin", "target_date", "step", "last_close", "actual", "model", "persistence", "drift",
-           *QUANTILES]
+COLUMNS = ["fold", "origin", "target_date", "step", "last_close", "actual", "model", "persistence", "drift"]
+INTERVAL_METHODS = ("model", *INTERVAL_BASELINES)  # quantile columns: model_q0.5, ewma_q0.025, ...
+
+
+def quantile_columns(levels: tuple[float, ...]) -> list[str]:
+    return [f"{name}_q{level}" for name in INTERVAL_METHODS for level in levels]
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,8 @@ def run_fold(cfg: DictConfig, frame: pd.DataFrame, fold: Fold, path: str) -> pd.
     # the invariant the backtest rests on: no training or early-stopping target at or after the origin
     assert windows["val"].dates[-1] < windows["test"].dates[0] == part.index[fold.origin]
     test, scaler = windows["test"], datamodule.scaler
-    members = []  # backtest.seeds > 1: a seed ensemble, its members' forecast returns averaged
+    members, member_quantiles = [], []  # backtest.seeds > 1: a seed ensemble, its members' log
+    # forecasts averaged (quantiles too: Vincentization)
     for k in range(int(cfg.backtest.get("seeds") or 1)):
         member = cfg.copy()
         with open_dict(member):
@@ -108,17 +110,22 @@ def run_fold(cfg: DictConfig, frame: pd.DataFrame, fold: Fold, path: str) -> pd.
             forecaster, _ = fit(member, datamodule)
         except NoCheckpoint as err:
             raise RunError(f"fold {fold.index} (origin {origin}): {err}: nothing to forecast") from None
-        members.append(np.log(predict(forecaster.net, test, scaler)))
-    horizon = hp.horizon
+        point, quantiles = predict(forecaster.net, test, scaler)
+        members.append(np.log(point))
+        if quantiles is not None:
+            member_quantiles.append(np.log(quantiles))
+    horizon, levels = hp.horizon, levels_of(forecaster.net)
     # the mean of log prices = the forecast from the mean of the members' returns (cumsum is linear)
     forecasts = {"model": np.exp(np.mean(members, axis=0)),
                  "persistence": persistence_forecast(test.last_close, horizon),
                  # the drift of this fold's training period (all of it, whatever data.center keeps)
                  "drift": drift_forecast(test.last_close, horizon, float(scaler.train_mean_[0]))}
     returns = input_returns(test.inputs, scaler.mean_[0], scaler.scale_[0])  # [N, T]
+    methods = baseline_intervals(test.last_close, returns, horizon, levels)
+    if member_quantiles:
+        methods = {"model": np.exp(np.mean(member_quantiles, axis=0)), **methods}
     quantiles = {f"{name}_q{level}": q[..., i].ravel()
-                 for name, q in baseline_intervals(test.last_close, returns, horizon).items()
-                 for i, level in enumerate(LEVELS)}
+                 for name, q in methods.items() for i, level in enumerate(levels)}
     n = len(test)
     target = np.arange(n)[:, None] + np.arange(horizon)  # [N, H] row of each target, from the origin
     return pd.DataFrame({
@@ -130,7 +137,7 @@ def run_fold(cfg: DictConfig, frame: pd.DataFrame, fold: Fold, path: str) -> pd.
         "actual": test.future.ravel(),
         **{k: f.ravel() for k, f in forecasts.items()},
         **quantiles,
-    })[COLUMNS]
+    })[COLUMNS + [c for c in quantile_columns(levels) if c in quantiles]]
 
 
 def pooled(rows: pd.DataFrame, ticker: str) -> dict:
@@ -158,10 +165,11 @@ def pooled(rows: pd.DataFrame, ticker: str) -> dict:
     for name in BASELINES:
         record[f"dm_stat_{name}"], record[f"dm_p_{name}"] = diebold_mariano(
             forecasts["model"], forecasts[name], actual)
-    if set(QUANTILES) <= set(rows.columns):
+    levels = tuple(float(c[len("ewma_q"):]) for c in rows.columns if c.startswith("ewma_q"))
+    if levels:
         record["intervals"] = compare_intervals(
-            {name: np.stack([wide(f"{name}_q{level}") for level in LEVELS], axis=-1)
-             for name in INTERVAL_BASELINES}, actual, last_close)
+            {name: np.stack([wide(f"{name}_q{level}") for level in levels], axis=-1)
+             for name in INTERVAL_METHODS if f"{name}_q0.5" in rows.columns}, actual, last_close, levels)
 
     def rmse(g: pd.DataFrame, column: str) -> float:
         return float(np.sqrt(np.mean((g[column] - g["actual"]) ** 2)))
@@ -177,16 +185,22 @@ def pooled(rows: pd.DataFrame, ticker: str) -> dict:
     return record
 
 
+ROLLING = 63  # trading days (a quarter) in the rolling coverage of the backtest plot
+
+
 def plot_backtest(path: Path, rows: pd.DataFrame, record: dict) -> None:
     """Cumulative (model - persistence) squared error over the target dates (falling: the model
-    helps), and each fold's RMSE ratios."""
+    helps), each fold's RMSE ratios, and the rolling coverage of the intervals against their
+    nominal levels (the model's, solid, and EWMA's, dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     first = rows[rows["step"] == 1]
-    fig, axes = plt.subplots(2, 1, figsize=(11, 7))
+    levels = tuple(float(c[len("ewma_q"):]) for c in rows.columns if c.startswith("ewma_q"))
+    pairs = interval_pairs(levels) if levels else []
+    fig, axes = plt.subplots(3 if pairs else 2, 1, figsize=(11, 10 if pairs else 7))
     for name, color in (("persistence", "tab:orange"), ("drift", "tab:green")):
         gap = (first["model"] - first["actual"]) ** 2 - (first[name] - first["actual"]) ** 2
         axes[0].plot(first["target_date"], gap.cumsum(), color=color, label=f"model - {name}")
@@ -208,6 +222,20 @@ def plot_backtest(path: Path, rows: pd.DataFrame, record: dict) -> None:
     axes[1].set_ylabel("model RMSE / baseline's")
     axes[1].set_title("per fold (origin date): below 1 the model was better", fontsize=10)
     axes[1].legend(loc="upper left", fontsize=8)
+    for (coverage, lo, hi), color in zip(pairs, ("tab:blue", "tab:purple"), strict=False):
+        for method, style in (("model", "-"), ("ewma", "--")):
+            lower, upper = (f"{method}_q{levels[i]}" for i in (lo, hi))
+            if lower not in first:
+                continue
+            inside = ((first["actual"] >= first[lower]) & (first["actual"] <= first[upper])).astype(float)
+            axes[2].plot(first["target_date"], inside.rolling(ROLLING).mean(), color=color, ls=style,
+                         lw=1.0, label=f"{method} {100 * coverage:g}%")
+        axes[2].axhline(coverage, color=color, lw=0.8, alpha=0.6)
+    if pairs:
+        axes[2].set_ylabel(f"coverage, rolling {ROLLING} days")
+        axes[2].set_title("step 1 intervals: share of closes inside, against the nominal levels "
+                          "(horizontal lines)", fontsize=10)
+        axes[2].legend(loc="lower left", fontsize=8, ncol=4)
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()

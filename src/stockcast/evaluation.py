@@ -9,8 +9,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from stockcast.features import interval_pairs
+
 SIGNIFICANT = 0.05
 BASELINES = {"persistence": "tomorrow = today", "drift": "the random walk with drift"}
+LEVELS = (0.025, 0.1, 0.5, 0.9, 0.975)  # quantile levels: the median and the 80% and 95% intervals
 
 
 def errors(forecast: np.ndarray, actual: np.ndarray, last_close: np.ndarray) -> dict[str, float]:
@@ -164,17 +167,25 @@ def table(metrics: dict) -> str:
 
 
 def plot(path: Path, dates: pd.DatetimeIndex, actual: np.ndarray, forecast: np.ndarray,
-         last_close: np.ndarray, metrics: dict) -> None:
-    """Actual vs model vs persistence (first forecast step) over the test period and its last 60
-    days, and the moves: what the model predicted against what happened, in % of the last close."""
+         last_close: np.ndarray, metrics: dict, quantiles: np.ndarray | None = None,
+         levels: tuple[float, ...] = LEVELS) -> None:
+    """A fan chart of the first forecast step over the test period and its last 60 days: actual
+    closes, the model and persistence, and the model's central intervals as bands (a quantile
+    model); then the daily moves against the predicted move and bands, in % of the last close."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers
     import matplotlib.pyplot as plt
 
+    bands = [] if quantiles is None else [(cov, quantiles[:, 0, lo], quantiles[:, 0, hi], alpha)
+                                          for (cov, lo, hi), alpha in zip(reversed(interval_pairs(levels)),
+                                                                          (0.15, 0.3, 0.45))]
     fig, axes = plt.subplots(3, 1, figsize=(11, 9), height_ratios=[3, 2, 2])
     recent = slice(-60, None)
     for ax, sl in ((axes[0], slice(None)), (axes[1], recent)):
+        for cov, lower, upper, alpha in bands:
+            ax.fill_between(dates[sl], lower[sl], upper[sl], color="tab:blue", alpha=alpha, lw=0,
+                            step="mid", label=f"{100 * cov:g}% interval")
         ax.plot(dates[sl], actual[sl, 0], color="black", lw=1.4, label="actual close")
         ax.plot(dates[sl], forecast[sl, 0], color="tab:blue", lw=1.1, label="model")
         ax.plot(dates[sl], last_close[sl], color="tab:orange", lw=1.0, ls="--",
@@ -182,21 +193,28 @@ def plot(path: Path, dates: pd.DatetimeIndex, actual: np.ndarray, forecast: np.n
         ax.grid(alpha=0.3)
         ax.set_ylabel("price")
     # the price panels hide the model's contribution: it is the gap to persistence, shown here
-    moved = 100 * (actual[recent, 0] / last_close[recent] - 1)
-    predicted = 100 * (forecast[recent, 0] / last_close[recent] - 1)
-    axes[2].bar(dates[recent], moved, color="lightgray", label="actual move")
-    axes[2].plot(dates[recent], predicted, color="tab:blue", marker=".", lw=1.0,
+    def pct(x: np.ndarray) -> np.ndarray:
+        return 100 * (x[recent] / last_close[recent] - 1)
+
+    for cov, lower, upper, alpha in bands:
+        axes[2].fill_between(dates[recent], pct(lower), pct(upper), color="tab:blue", alpha=alpha, lw=0,
+                             step="mid", label=f"{100 * cov:g}% interval")
+    axes[2].bar(dates[recent], pct(actual[:, 0]), color="dimgray", label="actual move")
+    axes[2].plot(dates[recent], pct(forecast[:, 0]), color="tab:blue", marker=".", lw=1.0,
                  label="model's predicted move")
     axes[2].axhline(0, color="tab:orange", ls="--", lw=1.0, label="persistence (no move)")
     axes[2].set_ylabel("% vs last close")
     axes[2].grid(alpha=0.3)
     axes[2].legend(loc="upper left", fontsize=8)
     m, p = metrics["model"], metrics["persistence"]
-    axes[0].set_title(
-        f"{metrics['ticker']} test split: model RMSE {m['rmse']:.3f} vs persistence {p['rmse']:.3f} "
-        f"(ratio {metrics['rmse_ratio']:.3f})"
-    )
-    axes[0].legend(loc="upper left")
+    title = (f"{metrics['ticker']} test split: model RMSE {m['rmse']:.3f} vs persistence {p['rmse']:.3f} "
+             f"(ratio {metrics['rmse_ratio']:.3f})")
+    if bands and "model" in metrics.get("intervals", {}):
+        iv = metrics["intervals"]["model"]
+        title += "; coverage " + ", ".join(f"{100 * cov:g}%: {iv[f'coverage_{100 * cov:g}']:.3f}"
+                                           for cov, *_ in reversed(bands))
+    axes[0].set_title(title, fontsize=10)
+    axes[0].legend(loc="upper left", fontsize=8)
     axes[1].set_title("last 60 test days", fontsize=10)
     axes[2].set_title("last 60 test days: daily moves", fontsize=10)
     fig.tight_layout()
@@ -205,19 +223,18 @@ def plot(path: Path, dates: pd.DatetimeIndex, actual: np.ndarray, forecast: np.n
 
 
 # ---- intervals: the range of the next closes, against the volatility baselines risk people use ----
-LEVELS = (0.025, 0.1, 0.5, 0.9, 0.975)  # quantile levels: the median and the 80% and 95% intervals
-INTERVALS = {"80": (0.1, 0.9), "95": (0.025, 0.975)}
-RISKMETRICS_LAMBDA = 0.94  # J.P. Morgan's RiskMetrics (1996) decay for daily returns
 
 
-def ewma_sigma(returns: np.ndarray, lam: float = RISKMETRICS_LAMBDA) -> np.ndarray:
+def ewma_sigma(returns: np.ndarray) -> np.ndarray:
     """[N, T] daily log returns, oldest first -> [N] RiskMetrics forecast of the next day's
-    volatility: s2 <- lam * s2 + (1 - lam) * r^2 over the window, zero mean, started at the window's
-    mean square (its weight after 59 returns is lam^59 = 2.6%)."""
-    var = np.mean(returns**2, axis=1)
-    for t in range(returns.shape[1]):
-        var = lam * var + (1 - lam) * returns[:, t] ** 2
-    return np.sqrt(var)
+    volatility: s2 <- lambda * s2 + (1 - lambda) * r^2 over the window (lambda 0.94), zero mean,
+    started at the window's mean square (its weight after 59 returns is 0.94^59 = 2.6%). The
+    formula is the quantile network's anchor (model.ewma_sigma), written once."""
+    import torch
+
+    from stockcast.model import ewma_sigma as sigma
+
+    return sigma(torch.from_numpy(np.asarray(returns, dtype=np.float64))).numpy()
 
 
 def ewma_quantiles(last_close: np.ndarray, returns: np.ndarray, horizon: int,
@@ -238,6 +255,12 @@ def historical_quantiles(last_close: np.ndarray, returns: np.ndarray, horizon: i
     return last_close[:, None, None] * np.exp(q[:, None, :] * scale)
 
 
+def intervals_of(levels: tuple[float, ...]) -> dict[str, tuple[int, int, float]]:
+    """{"80": (lower index, upper index, nominal coverage), "95": ...}: the central intervals the
+    levels hold (features.interval_pairs, named by their coverage in %)."""
+    return {f"{100 * cov:g}": (lo, hi, cov) for cov, lo, hi in interval_pairs(levels)}
+
+
 def interval_scores(quantiles: np.ndarray, actual: np.ndarray, last_close: np.ndarray,
                     levels: tuple[float, ...] = LEVELS) -> dict[str, np.ndarray]:
     """Per-window losses of [N, H, Q] quantile forecasts of [N, H] closes, in % of the last close
@@ -247,9 +270,9 @@ def interval_scores(quantiles: np.ndarray, actual: np.ndarray, last_close: np.nd
     to_pct = 100 / last_close[:, None]
     y, q = actual * to_pct, quantiles * to_pct[..., None]
     out = {}
-    for name, (lo, hi) in INTERVALS.items():
-        lower, upper = q[..., levels.index(lo)], q[..., levels.index(hi)]
-        alpha = 1 - (hi - lo)
+    for name, (lo, hi, coverage) in intervals_of(levels).items():
+        lower, upper = q[..., lo], q[..., hi]
+        alpha = 1 - coverage
         out[f"covered_{name}"] = np.mean((y >= lower) & (y <= upper), axis=1)
         out[f"width_{name}"] = np.mean(upper - lower, axis=1)
         out[f"score_{name}"] = np.mean((upper - lower) + 2 / alpha * np.maximum(lower - y, 0)
@@ -270,17 +293,17 @@ def compare_intervals(quantiles: dict[str, np.ndarray], actual: np.ndarray, last
     record = {}
     for name, s in scores.items():
         row = {}
-        for iv, (lo, hi) in INTERVALS.items():
+        for iv, (_, _, nominal) in intervals_of(levels).items():
             row[f"coverage_{iv}"] = float(np.mean(s[f"covered_{iv}"]))
             # the binomial test counts independent trials: the first step's (later steps overlap)
             first = (interval_scores(quantiles[name][:, :1], actual[:, :1], last_close, levels)
                      if horizon > 1 else s)[f"covered_{iv}"]
-            row[f"coverage_{iv}_p"] = float(stats.binomtest(int(first.sum()), len(first), hi - lo).pvalue)
+            row[f"coverage_{iv}_p"] = float(stats.binomtest(int(first.sum()), len(first), nominal).pvalue)
             row[f"width_{iv}"] = float(np.mean(s[f"width_{iv}"]))
             row[f"score_{iv}"] = float(np.mean(s[f"score_{iv}"]))
         row["pinball"] = float(np.mean(s["pinball"]))
         if name != reference and reference in scores:
-            for key in ("score_80", "score_95", "pinball"):
+            for key in (*(f"score_{iv}" for iv in intervals_of(levels)), "pinball"):
                 row[f"{key}_ratio_{reference}"] = row[key] / float(np.mean(scores[reference][key]))
                 row[f"{key}_dm_stat_{reference}"], row[f"{key}_dm_p_{reference}"] = dm_test(
                     s[key], scores[reference][key], horizon)
@@ -291,21 +314,27 @@ def compare_intervals(quantiles: dict[str, np.ndarray], actual: np.ndarray, last
 INTERVAL_BASELINES = {"ewma": ewma_quantiles, "historical": historical_quantiles}
 
 
-def baseline_intervals(last_close: np.ndarray, returns: np.ndarray, horizon: int) -> dict[str, np.ndarray]:
+def baseline_intervals(last_close: np.ndarray, returns: np.ndarray, horizon: int,
+                       levels: tuple[float, ...] = LEVELS) -> dict[str, np.ndarray]:
     """{"ewma", "historical"} -> [N, H, Q] quantile closes from each window's own returns [N, T]."""
-    return {name: f(last_close, returns, horizon) for name, f in INTERVAL_BASELINES.items()}
+    return {name: f(last_close, returns, horizon, levels) for name, f in INTERVAL_BASELINES.items()}
 
 
 def interval_table(record: dict) -> str:
     """compare_intervals()'s record as text: coverage against the nominal level, width, scores."""
-    rows = [f"{'intervals':<14}{'cov 80%':>9}{'p':>8}{'cov 95%':>9}{'p':>8}{'width80%':>10}"
-            f"{'score80':>9}{'score95':>9}{'pinball':>9}  {'score95 vs EWMA (DM p)'}"]
+    names = [k[len("coverage_"):] for k in next(iter(record.values())) if k.startswith("coverage_")
+             and not k.endswith("_p")]  # "80", "95"
+    widest = names[-1]
+    rows = [f"{'intervals':<14}" + "".join(f"{'cov ' + n + '%':>9}{'p':>8}" for n in names)
+            + f"{'width' + names[0] + '%':>10}" + "".join(f"{'score' + n:>9}" for n in names)
+            + f"{'pinball':>9}  score{widest} vs EWMA (DM p)"]
     for name, r in record.items():
-        versus = (f"{r['score_95_ratio_ewma']:.3f} ({fmt_p(r['score_95_dm_p_ewma'])})"
-                  if "score_95_ratio_ewma" in r else "")
-        rows.append(f"{name:<14}{r['coverage_80']:>9.3f}{fmt_p(r['coverage_80_p']):>8}{r['coverage_95']:>9.3f}"
-                    f"{fmt_p(r['coverage_95_p']):>8}{r['width_80']:>10.2f}{r['score_80']:>9.2f}"
-                    f"{r['score_95']:>9.2f}{r['pinball']:>9.3f}  {versus}".rstrip())
-    rows.append("cov: share of closes inside the interval, p: binomial against 80% / 95%; width, scores "
-                "(Winkler) and pinball in % of the last close, lower is better")
+        versus = (f"{r[f'score_{widest}_ratio_ewma']:.3f} ({fmt_p(r[f'score_{widest}_dm_p_ewma'])})"
+                  if f"score_{widest}_ratio_ewma" in r else "")
+        rows.append(f"{name:<14}" + "".join(f"{r[f'coverage_{n}']:>9.3f}{fmt_p(r[f'coverage_{n}_p']):>8}"
+                                            for n in names)
+                    + f"{r[f'width_{names[0]}']:>10.2f}" + "".join(f"{r[f'score_{n}']:>9.2f}" for n in names)
+                    + f"{r['pinball']:>9.3f}  {versus}".rstrip())
+    rows.append("cov: share of closes inside the interval, p: binomial against the nominal level; width, "
+                "scores (Winkler) and pinball in % of the last close, lower is better")
     return "\n".join(rows)

@@ -1,5 +1,6 @@
 """The transform between prices and the network, written once: closes -> inputs (scaled log
-returns) and outputs (scaled log returns of the next closes) -> prices. Training, export and the
+returns) and outputs (scaled log returns of the next closes, or quantiles of the cumulative
+move to each step) -> prices and intervals. Training, export and the
 handler use it; the archive ships this file as stockcast_features.py, so the handler needs neither
 Lightning nor stockcast. numpy only."""
 
@@ -35,3 +36,32 @@ def to_prices(last_close: np.ndarray, outputs: np.ndarray, mean: float = 0.0,
     returns = np.asarray(outputs, dtype=np.float64) * scale + mean
     with np.errstate(over="ignore"):  # an overflow becomes inf, which the handler refuses
         return last_close[:, None] * np.exp(np.cumsum(returns, axis=1))
+
+
+def quantile_prices(last_close: np.ndarray, outputs: np.ndarray, mean: float = 0.0,
+                    scale: float = 1.0) -> np.ndarray:
+    """[B] last closes and [B, H, Q] quantiles of the standardised cumulative log return to each
+    step (the sum of h standardised returns: the mean h times) -> [B, H, Q] closes."""
+    steps = np.arange(1, np.shape(outputs)[1] + 1)[None, :, None]
+    cumulative = np.asarray(outputs, dtype=np.float64) * scale + mean * steps
+    with np.errstate(over="ignore"):
+        return last_close[:, None, None] * np.exp(cumulative)
+
+
+def to_forecasts(last_close: np.ndarray, outputs: np.ndarray, mean: float, scale: float,
+                 levels: list[float] | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Network outputs -> ([B, H] point closes, [B, H, Q] quantile closes or None): a point
+    network's [B, H] returns, or a quantile network's [B, H, Q] whose median is the point."""
+    if not levels:
+        return to_prices(last_close, outputs, mean, scale), None
+    quantiles = quantile_prices(last_close, outputs, mean, scale)
+    return quantiles[..., list(levels).index(0.5)], quantiles
+
+
+def interval_pairs(levels: list[float]) -> list[tuple[float, int, int]]:
+    """[(nominal coverage, lower index, upper index)] of the central intervals that `levels` holds,
+    widest last: (0.025, 0.1, 0.5, 0.9, 0.975) -> [(0.8, 1, 3), (0.95, 0, 4)]."""
+    levels = [round(float(x), 6) for x in levels]
+    pairs = [(round(1 - 2 * lo, 6), i, levels.index(round(1 - lo, 6)))
+             for i, lo in enumerate(levels) if lo < 0.5 and round(1 - lo, 6) in levels]
+    return sorted(pairs)

@@ -1,6 +1,7 @@
 """The promotion gate: may an exported model serve? It must have trained, its exported files must
 reproduce the network, and enough of its walk-forward backtest (same config and code, up to about
-its last close) must not be significantly worse than persistence or drift."""
+its last close) must not be significantly worse than persistence or drift, nor its intervals than
+EWMA volatility's."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def gate(meta: dict, evidence: dict | None, **rules) -> Decision:
     """May this exported model serve? It trained (it has a val-best checkpoint), its exported
     files reproduce the network, and enough of its walk-forward backtest (same config and code,
     `evidence`, up to about the model's last close) is not significantly worse than persistence or
-    drift. `rules` override RULES."""
+    drift, nor are its intervals (a quantile model's) than EWMA's. `rules` override RULES."""
     rules = {**RULES, **{k: v for k, v in rules.items() if v is not None}}
     refused = []
     if not meta.get("checkpoint"):
@@ -78,6 +79,12 @@ def gate(meta: dict, evidence: dict | None, **rules) -> Decision:
         worse = [f"{b} (RMSE ratio {evidence[f'rmse_ratio{suffix}']:.4f}, DM p {evidence[f'dm_p_{b}']:.3g})"
                  for b, suffix in zip(BASELINES, ("", "_drift"), strict=True)
                  if evidence[f"dm_stat_{b}"] > 0 and evidence[f"dm_p_{b}"] < rules["alpha"]]
+        intervals = (evidence.get("intervals") or {}).get("model") or {}
+        worse += [f"EWMA's {key[len('score_'):]}% intervals (interval score ratio "
+                  f"{intervals[f'{key}_ratio_ewma']:.3f}, DM p {intervals[f'{key}_dm_p_ewma']:.3g})"
+                  for key in sorted(k[: -len("_dm_stat_ewma")] for k in intervals
+                                    if k.startswith("score_") and k.endswith("_dm_stat_ewma"))
+                  if intervals[f"{key}_dm_stat_ewma"] > 0 and intervals[f"{key}_dm_p_ewma"] < rules["alpha"]]
         if worse:
             refused.append("walk-forward significantly worse than " + " and ".join(worse))
     if refused:

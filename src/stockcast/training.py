@@ -23,9 +23,10 @@ from omegaconf.errors import OmegaConfBaseException
 from sklearn.preprocessing import StandardScaler
 
 from stockcast.data import StockDataModule, Windows
-from stockcast.evaluation import baseline_intervals, compare, compare_intervals, interval_table, plot, table
+from stockcast.calibration import calibrate
+from stockcast.evaluation import LEVELS, baseline_intervals, compare, compare_intervals, interval_table, plot, table
 from stockcast.export import export_model, sha256
-from stockcast.features import FEATURES, input_returns, to_prices
+from stockcast.features import FEATURES, input_returns, to_forecasts
 from stockcast.model import LSTMForecaster, LSTMNet
 from stockcast.prices import DataError, load_prices, ticker_name
 from stockcast.tracking import Run
@@ -104,11 +105,16 @@ def git_state(root: Path) -> tuple[str | None, bool | None]:
 
 
 @torch.no_grad()
-def predict(net: LSTMNet, windows: Windows, scaler: StandardScaler) -> np.ndarray:
-    """[N, H] forecast closes for a split's windows, in price units."""
+def predict(net: LSTMNet, windows: Windows, scaler: StandardScaler) -> tuple[np.ndarray, np.ndarray | None]:
+    """A split's forecasts in price units: ([N, H] closes, [N, H, Q] quantile closes or None)."""
     net.eval()
-    outputs = net(torch.from_numpy(windows.inputs)).numpy()  # [N, H]
-    return to_prices(windows.last_close, outputs, scaler.mean_[0], scaler.scale_[0])
+    outputs = net(torch.from_numpy(windows.inputs)).numpy()  # [N, H] or [N, H, Q]
+    return to_forecasts(windows.last_close, outputs, scaler.mean_[0], scaler.scale_[0], net.levels)
+
+
+def levels_of(net: LSTMNet) -> tuple[float, ...]:
+    """The quantile levels reports use: the network's, or the baselines' default for a point model."""
+    return tuple(net.levels) or LEVELS
 
 
 class NoCheckpoint(RunError):
@@ -138,7 +144,9 @@ def load_data(cfg: DictConfig) -> StockDataModule:
 def fit(cfg: DictConfig, datamodule: StockDataModule,
         extra_loggers: tuple = ()) -> tuple[LSTMForecaster, str]:
     """Train cfg.model on the datamodule's train split with early stopping on its val split;
-    return the val-best checkpoint's model and that checkpoint's path (under cfg.paths.output_dir)."""
+    return the val-best checkpoint's model and that checkpoint's path (under cfg.paths.output_dir).
+    With model.calibrate, a quantile model is then calibrated on the val split (conformal);
+    `forecaster.calibration` says how, or is None."""
     L.seed_everything(cfg.seed, workers=True)  # after the data (which draws no random numbers)
     forecaster = build(cfg, "model")
     callbacks = [build(cfg, f"callbacks.{key}") for key in cfg.get("callbacks") or {}]
@@ -157,25 +165,37 @@ def fit(cfg: DictConfig, datamodule: StockDataModule,
         raise NoCheckpoint(f"the run saved no checkpoint ({how}epochs: {trainer.current_epoch}, "
                            f"steps: {trainer.global_step})")
     # the val-best epoch, not the last one, is what gets evaluated and exported
-    return type(forecaster).load_from_checkpoint(best, map_location="cpu"), best
+    forecaster = type(forecaster).load_from_checkpoint(best, map_location="cpu")
+    forecaster.calibration = None
+    if forecaster.net.levels and forecaster.hparams.get("calibrate"):
+        forecaster.calibration = calibrate(forecaster.net, datamodule.splits["val"])
+        # the checkpoint becomes the model that is evaluated and exported, calibration included
+        checkpoint = torch.load(best, map_location="cpu", weights_only=False)  # our own file
+        checkpoint["state_dict"]["net.calibration"] = forecaster.net.calibration.clone()
+        torch.save(checkpoint, best)
+    return forecaster, best
 
 
 def evaluate(forecaster: LSTMForecaster, datamodule: StockDataModule,
              splits: tuple[str, ...] = ("val", "test")) -> tuple[dict, dict]:
-    """({split: [N, H] forecast closes}, {split: compare() record}) for the named splits."""
+    """({split: ([N, H] forecast closes, [N, H, Q] quantiles or None)}, {split: compare() record,
+    with the intervals of the model (if it has quantiles) and the baselines}) for the named splits."""
     windows, scaler, ticker = datamodule.splits, datamodule.scaler, datamodule.hparams.ticker
-    forecasts = {s: predict(forecaster.net, windows[s], scaler) for s in splits}
+    outputs = {s: predict(forecaster.net, windows[s], scaler) for s in splits}
+    forecasts = {s: point for s, (point, _) in outputs.items()}
     # the drift baseline's mean daily log return: the training period's (all of it, whatever share
     # of it data.center adds back to the model's forecasts)
     results = {s: compare(f, windows[s].future, windows[s].last_close, windows[s].dates, ticker, split=s,
                           drift=float(getattr(scaler, "train_mean_", scaler.mean_)[0]))
                for s, f in forecasts.items()}
+    levels = levels_of(forecaster.net)
     for s, record in results.items():  # the range of the next closes: what risk users need
-        w = windows[s]
+        w, quantiles = windows[s], outputs[s][1]
         returns = input_returns(w.inputs, scaler.mean_[0], scaler.scale_[0])
-        record["intervals"] = compare_intervals(
-            baseline_intervals(w.last_close, returns, w.future.shape[1]), w.future, w.last_close)
-    return forecasts, results
+        methods = {} if quantiles is None else {"model": quantiles}
+        methods.update(baseline_intervals(w.last_close, returns, w.future.shape[1], levels))
+        record["intervals"] = compare_intervals(methods, w.future, w.last_close, levels)
+    return outputs, results
 
 
 def through(datamodule: StockDataModule) -> pd.Timestamp:
@@ -214,6 +234,8 @@ def export(cfg: DictConfig, name: str, report: StockDataModule, served: StockDat
 
     export_model(forecaster.net, folder, served.scaler, FEATURES, meta={
         "name": name, "ticker": hp.ticker, "window": hp.window, "horizon": hp.horizon,
+        # a quantile model's levels (the handler's intervals); [] for a point model
+        "levels": forecaster.net.levels, "calibration": forecaster.calibration,
         # paths relative to the project root (paths.root); the checkpoint relative to run_dir
         "data": {"file": relative(served.path, root), "sha256": data_sha256,
                  "start": hp.start, "end": hp.end,
@@ -233,7 +255,9 @@ def export(cfg: DictConfig, name: str, report: StockDataModule, served: StockDat
     }, sample=last.inputs)
     (folder / "metrics.json").write_text(json.dumps(results["test"], indent=2))
     t = report.splits["test"]
-    plot(folder / "forecast.png", t.dates, t.future, forecasts["test"], t.last_close, results["test"])
+    point, quantiles = forecasts["test"]
+    plot(folder / "forecast.png", t.dates, t.future, point, t.last_close, results["test"], quantiles,
+         levels_of(forecaster.net))
     return folder
 
 
