@@ -57,7 +57,9 @@ class ForecastHandler(BaseHandler):
                           meta["sha256"].get(name))
                 raise RuntimeError(f"{name} does not match the checksum in meta.json")
         scaler = json.loads((model_dir / meta["scaler_file"]).read_text())
-        self.mean, self.scale = float(scaler["mean"][0]), float(scaler["scale"][0])
+        # per input feature (log return; with ranges also log_range and has_range)
+        self.mean, self.scale = np.array(scaler["mean"], dtype=np.float64), np.array(scaler["scale"], dtype=np.float64)
+        self.uses_range = len(self.mean) > 1  # the request's optional high/low arrays are read
         self.window, self.horizon = int(meta["window"]), int(meta["horizon"])
         self.levels = [float(x) for x in meta.get("levels") or []]  # [] for a point model
         self.intervals = features.interval_pairs(self.levels)  # [(0.8, lower, upper), (0.95, ...)]
@@ -96,7 +98,8 @@ class ForecastHandler(BaseHandler):
             super().initialize(context)  # loads the TorchScript model.pt, in eval mode
 
     def parse(self, row: dict) -> np.ndarray:
-        """One request -> its last `window` closes as float64 [T], or BadRequest."""
+        """One request -> float64 [3, T]: its last `window` closes, highs and lows (NaN when the
+        request has none or the model does not read them), or BadRequest."""
         body = row.get("data") if row.get("data") is not None else row.get("body")
         if isinstance(body, (bytes, bytearray)):
             try:
@@ -126,11 +129,44 @@ class ForecastHandler(BaseHandler):
         if len(history) > self.max_history:
             raise self.BadRequest("too_long", f'"history" has {len(history)} closes; the maximum is '
                                          f"{self.max_history}")
-        for i, value in enumerate(history):
+        self.check_numbers("history", history)
+        closes = self.check_prices(history)[-self.window :]
+        high = low = np.full(self.window, np.nan)
+        if self.uses_range and ("high" in body or "low" in body):
+            high, low = self.parse_range(body, len(history))
+        return np.stack([closes, high[-self.window :], low[-self.window :]])
+
+    def check_numbers(self, key: str, values: list) -> None:
+        for i, value in enumerate(values):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 kind = JSON_TYPES.get(type(value), type(value).__name__)
-                raise self.BadRequest("not_number", f"history[{i}] is not a number but {kind}")
-        return self.check_prices(history)[-self.window :]
+                raise self.BadRequest("not_number", f"{key}[{i}] is not a number but {kind}")
+
+    def parse_range(self, body: dict, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The optional "high" and "low" arrays, aligned with "history": both or neither."""
+        if "high" not in body or "low" not in body:
+            given, missing = ("high", "low") if "high" in body else ("low", "high")
+            raise self.BadRequest("range_incomplete", f'"{given}" needs "{missing}" too (each day\'s range), '
+                                  "or send neither")
+        arrays = []
+        for key in ("high", "low"):
+            values = body[key]
+            if not isinstance(values, list) or len(values) != n:
+                raise self.BadRequest("range_misaligned", f'"{key}" must be a list as long as "history" '
+                                      f"({n}), one value per day")
+            self.check_numbers(key, values)
+            with np.errstate(over="ignore"):
+                arrays.append(np.array([to_float(v) for v in values], dtype=np.float64))
+        high, low = arrays
+        with np.errstate(invalid="ignore", divide="ignore"):
+            bad = ~(np.isfinite(high) & np.isfinite(low) & (low > 0) & (high >= low)
+                    & (np.log(high / low) <= self.max_daily_move))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise self.BadRequest("implausible_range", f"day {i}: high {body['high'][i]} and low "
+                                  f"{body['low'][i]} are not a range (0 < low <= high, within a factor "
+                                  f"e^{self.max_daily_move})")
+        return high, low
 
     def check_prices(self, history: list[int | float]) -> np.ndarray:
         """Numbers -> float64 closes, refused unless finite, in the price range and moving plausibly."""
@@ -160,16 +196,17 @@ class ForecastHandler(BaseHandler):
                 "(unadjusted split or a typo?)")
         return closes
 
-    def forecast(self, closes: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """[B, T] closes -> ([B, H] forecast closes, [B, H, Q] quantile closes or None)."""
-        x = features.to_inputs(closes, self.mean, self.scale)  # [B, T-1, F]
+    def forecast(self, days: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """[B, 3, T] closes, highs and lows -> ([B, H] forecast closes, [B, H, Q] quantile closes or None)."""
+        closes = days[:, 0]
+        x = features.to_inputs(closes, self.mean, self.scale, days[:, 1], days[:, 2])  # [B, T-1, F]
         if self.session is not None:
             y = self.session.run(None, {"x": x})[0]  # [B, H] or [B, H, Q]
         else:
             with torch.inference_mode():
                 y = self.model(torch.from_numpy(x)).numpy()
         # inf: answer() refuses
-        return features.to_forecasts(closes[:, -1], y, self.mean, self.scale, self.levels)
+        return features.to_forecasts(closes[:, -1], y, self.mean[0], self.scale[0], self.levels)
 
     def handle(self, data: list[dict], context) -> list[dict]:
         """One response per request: a forecast, or an error object with a status of its own."""
@@ -184,9 +221,9 @@ class ForecastHandler(BaseHandler):
             except Exception as err:  # noqa: BLE001 - each request fails alone, whatever the cause
                 results[i] = self.fail(context, i, err)
         if good:
-            closes = np.stack(list(good.values()))  # [B, T]
+            days = np.stack(list(good.values()))  # [B, 3, T]
             try:  # the whole batch in one forward pass
-                point, quantiles = self.forecast(closes)
+                point, quantiles = self.forecast(days)
                 forecasts = {i: (point[k], None if quantiles is None else quantiles[k])
                              for k, i in enumerate(good)}
             except Exception:  # noqa: BLE001 - find the request that breaks it: one by one
@@ -202,7 +239,7 @@ class ForecastHandler(BaseHandler):
             served = [i for i in forecasts if "forecast" in results[i]]
             if served:
                 self.count(context, "ForecastsServed", len(served))
-                self.track_widths(context, [results[i] for i in served], [good[i][-1] for i in served])
+                self.track_widths(context, [results[i] for i in served], [good[i][0, -1] for i in served])
         return results
 
     def answer(self, context, idx: int, forecast: np.ndarray, quantiles: np.ndarray | None) -> dict:

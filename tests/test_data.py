@@ -134,3 +134,23 @@ def test_center_sets_how_much_training_drift_is_added_back(walk, center):
 def test_center_outside_0_1_is_a_clear_error():
     with pytest.raises(DataError, match=r"data.center must be in \[0, 1\].*got 1.5"):
         StockDataModule(center=1.5)
+
+
+def test_range_features_scale_on_the_training_days_that_have_a_range(walk):
+    frame = walk.assign(high=walk.close * 1.01, low=walk.close * 0.99)
+    frame.iloc[100, frame.columns.get_loc("high")] = np.nan  # a day without its range
+    splits, scaler = make_windows(frame, window=60, horizon=1, val=0.1, test=0.2,
+                                  features=["log_return", "log_range", "has_range"])
+    assert splits["train"].inputs.shape[-1] == 3 and len(scaler.mean_) == len(scaler.scale_) == 3
+    assert scaler.mean_[1] == pytest.approx(np.log(1.01 / 0.99)) and scaler.mean_[2] == 0.0
+    x = splits["train"].inputs
+    # row 100's range is day 99 (the return into row 100); window 50 (rows 50..109) holds it at 49
+    assert x[50, 49, 2] == 0.0 and x[50, 49, 1] == 0.0 and x[50, 48, 2] == 1.0 and x[50, 50, 2] == 1.0
+    # the closes-only part is what it was without ranges
+    closes_only, _ = make_windows(walk, window=60, horizon=1, val=0.1, test=0.2)
+    np.testing.assert_allclose(x[..., 0], closes_only["train"].inputs[..., 0], rtol=1e-6)
+    with pytest.raises(DataError, match="data.features must be"):
+        make_windows(walk, window=60, horizon=1, val=0.1, test=0.2, features=["log_range"])
+    with pytest.raises(DataError, match="0 rows with High and Low"):
+        make_windows(walk, window=60, horizon=1, val=0.1, test=0.2,
+                     features=["log_return", "log_range", "has_range"])

@@ -9,8 +9,10 @@ import zipfile
 
 import numpy as np
 import pytest
+import torch
 from stockcast.data import Windows
 from conftest import ROOT, closes, forecast_from_export, quantiles_from_export
+from stockcast.features import to_inputs
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.model_loader import TsModelLoader
 from ts.service import Service
@@ -326,3 +328,94 @@ def test_the_torchscript_archive_gives_the_same_forecast(artifacts, service, tmp
     assert torchscript._entry_point.__self__.session is None
     [(_, a)], [(_, b)] = predict(torchscript, GOOD), predict(service, GOOD)
     np.testing.assert_allclose(a["forecast"], b["forecast"], rtol=1e-5)
+
+
+RANGE = "data.features=[log_return,log_range,has_range]"
+
+
+@pytest.fixture(scope="module")
+def range_model(tmp_path_factory):
+    """A quickly trained model that reads each day's high-low range, archived and loaded."""
+    from conftest import QUICK, compose_train
+
+    from stockcast.package import build_archive
+    from stockcast.training import train
+
+    tmp = tmp_path_factory.mktemp("range")
+    # a larger learning rate: two short epochs must move the network off its EWMA start
+    train(compose_train(tmp, "experiment=petr4", RANGE, "model.lr=0.01", *QUICK))
+    artifacts = tmp / "artifacts" / "petr4"
+    mar = build_archive(artifacts, tmp / "store", handlers=ROOT / "handlers")
+    zipfile.ZipFile(mar).extractall(tmp / "unpacked")
+    return artifacts, load_service(tmp / "unpacked")
+
+
+def ranged(seed: int = 0, k: float = 1.0) -> dict:
+    history = closes(seed=seed)
+    spread = np.random.default_rng(seed + 100).uniform(0.005, 0.04, len(history))
+    return {"history": (k * history).tolist(), "high": (k * history * (1 + spread)).tolist(),
+            "low": (k * history * (1 - spread / 2)).tolist()}
+
+
+def test_a_range_model_reads_high_and_low_and_answers_closes_alone(range_model):
+    artifacts, service = range_model
+    meta = json.loads((artifacts / "meta.json").read_text())
+    assert meta["features"] == ["log_return", "log_range", "has_range"]
+    body = ranged()
+    [(status, with_range)], [(status_alone, alone)] = predict(service, body), predict(
+        service, {"history": body["history"]})
+    assert status == status_alone == 200 and "intervals" in with_range and "intervals" in alone
+    assert with_range["intervals"] != alone["intervals"]  # the ranges change the answer
+    # both are the exported network's answer to the scaled features, ranges known or not
+    scaler = json.loads((artifacts / "scaler.json").read_text())
+    model = torch.jit.load(str(artifacts / "model.pt"))
+    h, hi, lo = (np.array([body[k]]) for k in ("history", "high", "low"))
+    for answer, (high, low) in ((with_range, (hi, lo)), (alone, (None, None))):
+        x = to_inputs(h, scaler["mean"], scaler["scale"], high, low)
+        with torch.no_grad():
+            q = model(torch.from_numpy(x)).double().numpy()
+        prices = h[0, -1] * np.exp(q[0, 0] * scaler["scale"][0] + scaler["mean"][0])
+        np.testing.assert_allclose([answer["intervals"][1]["lower"][0], answer["intervals"][1]["upper"][0]],
+                                   prices[[0, 4]], rtol=1e-5)
+    # one batch mixing requests with and without ranges answers each as it would alone
+    mixed = predict(service, body, {"history": body["history"]})
+    for (_, got), expected in zip(mixed, (with_range, alone), strict=True):  # float32: batch-size noise
+        for a, b in zip(got["intervals"], expected["intervals"], strict=True):
+            np.testing.assert_allclose([a["lower"], a["upper"]], [b["lower"], b["upper"]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("k", [0.01, 3, 100])
+def test_a_range_models_answer_scales_with_all_prices(range_model, k):
+    _, service = range_model
+    [(_, base)], [(_, scaled)] = predict(service, ranged()), predict(service, ranged(k=k))
+    np.testing.assert_allclose(scaled["forecast"], np.multiply(k, base["forecast"]), rtol=1e-5)
+    for a, b in zip(base["intervals"], scaled["intervals"], strict=True):
+        np.testing.assert_allclose(b["upper"], np.multiply(k, a["upper"]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("change, reason, words", [
+    ({"low": None}, "range_incomplete", '"high" needs "low" too'),
+    ({"high": [1.0] * 5}, "range_misaligned", '"high" must be a list as long as "history" (60)'),
+    ({"low": "x"}, "range_misaligned", '"low" must be a list'),
+    ({"high": [None] * 60}, "not_number", "high[0] is not a number but null"),
+    ({"swap": True}, "implausible_range", "day 0: high"),
+    ({"high": [1e300] * 60}, "implausible_range", "are not a range"),
+])
+def test_bad_ranges_are_a_400_naming_the_problem(range_model, change, reason, words):
+    _, service = range_model
+    body = ranged()
+    for key, value in change.items():
+        if key == "swap":
+            body["high"], body["low"] = body["low"], body["high"]
+        elif value is None:
+            body.pop(key)
+        else:
+            body[key] = value
+    [(status, answer)] = predict(service, body)
+    assert status == 400 and answer["reason"] == reason and words in answer["error"], answer
+
+
+def test_a_closes_only_model_ignores_high_and_low(service):
+    [(_, plain)], [(status, with_range)] = predict(service, GOOD), predict(
+        service, {**GOOD, "high": "anything", "low": [1]})
+    assert status == 200 and with_range["intervals"] == plain["intervals"]

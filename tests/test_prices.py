@@ -39,6 +39,19 @@ def test_bundled_flat_shape_loads(name):
     frame = load_prices(ROOT / "data" / name)
     assert frame.index[0] == pd.Timestamp("2010-01-04") and len(frame) > 3600
     assert np.isfinite(frame["close"]).all() and (frame["close"] > 0).all()
+    # each day's range, for data.features=[log_return, log_range, has_range]
+    assert list(frame.columns) == ["close", "high", "low"] and (frame["high"] >= frame["low"]).all()
+
+
+def test_a_row_without_a_usable_range_keeps_its_close(tmp_path):
+    path = tmp_path / "x.csv"
+    path.write_text("Date,Open,High,Low,Close,Volume\n"
+                    "2020-01-02,10,10.5,9.5,10,100\n"
+                    "2020-01-03,10,9.0,11.0,10.2,100\n"  # high below low: not a range
+                    "2020-01-06,10,n/a,9.9,10.1,100\n")
+    frame = load_prices(path)
+    assert frame["close"].tolist() == [10.0, 10.2, 10.1]
+    assert frame["high"].iloc[0] == 10.5 and frame[["high", "low"]].iloc[1:].isna().all().all()
 
 
 def test_classic_export_uses_adj_close_and_drops_holiday_rows(tmp_path):

@@ -248,7 +248,7 @@ def test_a_model_with_real_skill_passes_the_gate_on_its_own_backtest(tmp_path, o
     pd.DataFrame({"Open": close, "High": close, "Low": close, "Close": close, "Volume": 1000},
                  index=dates).to_csv(csv)
     same = ["data.source=csv", f"data.snapshot={csv}", "data.window=20", "data.start=2018-01-01",
-            "trainer.max_epochs=4", "data.batch_size=128", "~logger", "data.test=0.15",
+            "trainer.max_epochs=4", "model.lr=0.002", "data.batch_size=128", "~logger", "data.test=0.15",
             "backtest.start=2021-06-01", "backtest.step=65"]
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("backtest", overrides=[f"paths.root={ROOT}", *same])

@@ -34,11 +34,12 @@ from stockcast.features import input_returns, interval_pairs
 from stockcast.prices import DataError, load_prices
 from stockcast.promotion import fingerprint
 from stockcast.tracking import Run
-from stockcast.training import NoCheckpoint, RunError, build, fit, levels_of, predict, run_name
+from stockcast.training import NoCheckpoint, RunError, build, closes_only, fit, levels_of, predict, run_name
 
 log = logging.getLogger(__name__)
 COLUMNS = ["fold", "origin", "target_date", "step", "last_close", "actual", "model", "persistence", "drift"]
-INTERVAL_METHODS = ("model", *INTERVAL_BASELINES)  # quantile columns: model_q0.5, ewma_q0.025, ...
+# quantile columns: model_q0.5, ewma_q0.025, ...; model_closes_only: a range model without ranges
+INTERVAL_METHODS = ("model", "model_closes_only", *INTERVAL_BASELINES)
 
 
 def quantile_columns(levels: tuple[float, ...]) -> list[str]:
@@ -93,7 +94,7 @@ def run_fold(cfg: DictConfig, frame: pd.DataFrame, fold: Fold, path: str) -> pd.
     datamodule.path = Path(path)  # found once by the parent: no second download
     datamodule.splits, datamodule.scaler = make_windows(part, hp.window, hp.horizon, val, origin,
                                                         name=f"{path} (fold {fold.index}, origin {origin})",
-                                                        center=hp.center)
+                                                        center=hp.center, features=list(hp.features))
     windows = datamodule.splits
     # the invariant the backtest rests on: no training or early-stopping target at or after the origin
     assert windows["val"].dates[-1] < windows["test"].dates[0] == part.index[fold.origin]
@@ -113,7 +114,9 @@ def run_fold(cfg: DictConfig, frame: pd.DataFrame, fold: Fold, path: str) -> pd.
         point, quantiles = predict(forecaster.net, test, scaler)
         members.append(np.log(point))
         if quantiles is not None:
-            member_quantiles.append(np.log(quantiles))
+            alone = closes_only(test)  # with ranges in the inputs: also the answers to closes alone
+            member_quantiles.append({"model": np.log(quantiles), **(
+                {} if alone is None else {"model_closes_only": np.log(predict(forecaster.net, alone, scaler)[1])})})
     horizon, levels = hp.horizon, levels_of(forecaster.net)
     # the mean of log prices = the forecast from the mean of the members' returns (cumsum is linear)
     forecasts = {"model": np.exp(np.mean(members, axis=0)),
@@ -123,7 +126,8 @@ def run_fold(cfg: DictConfig, frame: pd.DataFrame, fold: Fold, path: str) -> pd.
     returns = input_returns(test.inputs, scaler.mean_[0], scaler.scale_[0])  # [N, T]
     methods = baseline_intervals(test.last_close, returns, horizon, levels)
     if member_quantiles:
-        methods = {"model": np.exp(np.mean(member_quantiles, axis=0)), **methods}
+        methods = {name: np.exp(np.mean([m[name] for m in member_quantiles], axis=0))
+                   for name in member_quantiles[0]} | methods
     quantiles = {f"{name}_q{level}": q[..., i].ravel()
                  for name, q in methods.items() for i, level in enumerate(levels)}
     n = len(test)

@@ -12,7 +12,7 @@ import torch
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader, TensorDataset
 
-from stockcast.features import log_returns
+from stockcast.features import FEATURES, RANGE_FEATURES, day_features, scale_features
 from stockcast.prices import DataError, check_ticker, load_prices, resolve
 
 
@@ -20,7 +20,7 @@ from stockcast.prices import DataError, check_ticker, load_prices, resolve
 class Windows:
     """One split: model inputs and targets (scaled returns) plus what evaluation needs in prices."""
 
-    inputs: np.ndarray  # [N, T-1, F] scaled log returns of the window's T closes
+    inputs: np.ndarray  # [N, T-1, F] scaled features (log returns, ranges) of the window's T days
     targets: np.ndarray  # [N, H] scaled log returns of the next H closes
     last_close: np.ndarray  # [N] the window's last close
     future: np.ndarray  # [N, H] the actual next H closes
@@ -51,12 +51,16 @@ def split_points(dates: pd.DatetimeIndex, window: int, val: float | str,
 
 
 def make_windows(frame: pd.DataFrame, window: int, horizon: int, val: float | str,
-                 test: float | str | None, name: str = "data",
-                 center: float = 1.0) -> tuple[dict[str, Windows], StandardScaler]:
+                 test: float | str | None, name: str = "data", center: float = 1.0,
+                 features: list[str] = FEATURES) -> tuple[dict[str, Windows], StandardScaler]:
     """Split `frame.close` into train/val/test windows by target date and scale with train returns.
     `center`: the share of the training mean return the scaler subtracts (and predict() adds back
     to every forecast): 1 = the training drift, 0 = none (an untrained model is then persistence).
-    The scaler's `train_mean_` keeps the full training mean (the drift baseline's)."""
+    The scaler's `train_mean_` keeps the full training mean (the drift baseline's). `features`:
+    FEATURES (log returns) or RANGE_FEATURES (with each day's high-low range, from frame.high/low)."""
+    features = list(features)
+    if features not in (FEATURES, RANGE_FEATURES):
+        raise DataError(f"data.features must be {FEATURES} or {RANGE_FEATURES}, not {features}")
     closes = frame["close"].to_numpy(dtype=np.float64)
 
     def too_few(counts: dict | None = None) -> None:
@@ -84,18 +88,30 @@ def make_windows(frame: pd.DataFrame, window: int, horizon: int, val: float | st
     counts = {k: int(m.sum()) for k, m in masks.items()}
     if min(n for k, n in counts.items() if k != "test" or test is not None) < 1 or counts["train"] < 2:
         too_few(counts)
-    returns = log_returns(closes)  # returns[k] = log(closes[k + 1] / closes[k])
-    # fit on the returns inside the training period only: fitting on all data leaks the future
-    scaler = StandardScaler().fit(returns[: val_start - 1, None])
+    high, low = (frame[c].to_numpy(dtype=np.float64) if c in frame else None for c in ("high", "low"))
+    days = day_features(closes, high, low, len(features))  # [n-1, F]; days[k, 0] = log(close[k+1] / close[k])
+    # fit on the days inside the training period only: fitting on all data leaks the future
+    train_days = days[: val_start - 1]
+    scaler = StandardScaler().fit(train_days[:, :1])
     scaler.train_mean_ = scaler.mean_.copy()
-    scaler.mean_ = scaler.mean_ * center  # transform() and predict() both use mean_
-    scaled = scaler.transform(returns[:, None])[:, 0].astype(np.float32)
+    if len(features) > 1:  # the range's statistics over the training days that have one
+        known = train_days[:, 2] == 1
+        if known.sum() < 2:
+            raise DataError(f"{name}: data.features has log_range but the training period has "
+                            f"{int(known.sum())} rows with High and Low")
+        ranges = train_days[known, 1]
+        scaler.mean_ = np.array([scaler.mean_[0], ranges.mean(), 0.0])
+        scaler.scale_ = np.array([scaler.scale_[0], ranges.std() or 1.0, 1.0])
+        scaler.train_mean_ = np.array([scaler.train_mean_[0], ranges.mean(), 0.0])
+        scaler.n_features_in_ = 3
+    scaler.mean_[0] = scaler.mean_[0] * center  # scale_features() and predict() both use mean_
+    scaled = scale_features(days, scaler.mean_, scaler.scale_)  # [n-1, F]
     idx_in = starts[:, None] + np.arange(window - 1)  # [N, T-1]
     idx_out = starts[:, None] + window - 1 + np.arange(horizon)  # [N, H]
     splits = {
         k: Windows(
-            inputs=scaled[idx_in[m]][..., None],
-            targets=scaled[idx_out[m]],
+            inputs=scaled[idx_in[m]],
+            targets=scaled[idx_out[m], 0],
             last_close=closes[first_target[m] - 1],
             future=closes[idx_out[m] + 1],
             dates=frame.index[first_target[m]],
@@ -123,6 +139,7 @@ class StockDataModule(L.LightningDataModule):
         batch_size: int = 64,
         on_suspicious: str = "warn",
         center: float = 1.0,
+        features: list[str] | tuple[str, ...] = tuple(FEATURES),
     ) -> None:
         super().__init__()
         check_ticker(ticker)  # before any file is named after it
@@ -133,6 +150,7 @@ class StockDataModule(L.LightningDataModule):
         if not 0.0 <= center <= 1.0:
             raise DataError(f"data.center must be in [0, 1] (the share of the training drift kept), "
                             f"got {center}")
+        features = [str(f) for f in features]  # plain: checkpoints load with weights_only (no ListConfig)
         self.save_hyperparameters()
         self.splits: dict[str, Windows] = {}
         self.scaler: StandardScaler | None = None
@@ -153,7 +171,8 @@ class StockDataModule(L.LightningDataModule):
         frame = load_prices(self.path, on_suspicious=hp.on_suspicious)
         frame = frame.loc[pd.Timestamp(hp.start) : pd.Timestamp(hp.end)]
         self.splits, self.scaler = make_windows(
-            frame, hp.window, hp.horizon, hp.val, hp.test, name=str(self.path), center=hp.center
+            frame, hp.window, hp.horizon, hp.val, hp.test, name=str(self.path), center=hp.center,
+            features=list(hp.features),
         )
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:

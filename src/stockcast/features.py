@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-FEATURES = ["log_return"]
+FEATURES = ["log_return"]  # the closes alone
+# with each day's high-low range (Parkinson's volatility estimator reads it), and whether the day had
+# one: a request without high/low, or a row without them, is answered with has_range 0
+RANGE_FEATURES = ["log_return", "log_range", "has_range"]
 ARCHIVED_AS = "stockcast_features.py"  # its name in lstm.mar, beside the handler
 
 
@@ -17,16 +20,45 @@ def log_returns(closes: np.ndarray) -> np.ndarray:
     return np.diff(np.log(closes), axis=-1)
 
 
-def to_inputs(closes: np.ndarray, mean: float, scale: float) -> np.ndarray:
-    """[B, T] closes -> [B, T-1, F] float32 network inputs: the log returns, standardised with the
-    training period's mean and scale (scaler.json)."""
-    return ((log_returns(closes) - mean) / scale)[..., None].astype(np.float32)
+def day_features(closes: np.ndarray, high: np.ndarray | None = None, low: np.ndarray | None = None,
+                 n_features: int = 1) -> np.ndarray:
+    """[..., N] closes (and highs and lows, NaN where unknown) -> [..., N-1, F] unscaled features of
+    each return's day: its log return, and with F = 3 the day's log(high / low) (0 where unknown)
+    and 1 where it is known. Each is unchanged when all prices scale by k."""
+    returns = log_returns(closes)
+    if n_features == 1:
+        return returns[..., None]
+    if high is None or low is None:
+        log_range = np.full_like(returns, np.nan)
+    else:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            log_range = np.log(np.asarray(high, dtype=np.float64) / np.asarray(low, dtype=np.float64))[..., 1:]
+    known = np.isfinite(log_range) & (log_range >= 0)
+    return np.stack([returns, np.where(known, log_range, 0.0), known.astype(np.float64)], axis=-1)
 
 
-def input_returns(inputs: np.ndarray, mean: float, scale: float) -> np.ndarray:
+def scale_features(features: np.ndarray, mean, scale) -> np.ndarray:
+    """[..., F] unscaled features -> float32 network inputs, standardised with the training period's
+    per-feature mean and scale (scaler.json); an unknown range stays 0 after scaling."""
+    mean, scale = np.atleast_1d(mean), np.atleast_1d(scale)
+    x = (features - mean) / scale
+    if features.shape[-1] > 1:
+        x[..., 1] *= features[..., 2]  # has_range 0: no information, not "a range of 0"
+    return x.astype(np.float32)
+
+
+def to_inputs(closes: np.ndarray, mean, scale, high: np.ndarray | None = None,
+              low: np.ndarray | None = None) -> np.ndarray:
+    """[B, T] closes (and optional highs and lows) -> [B, T-1, F] float32 network inputs, with F the
+    number of features scaler.json has a mean for."""
+    n_features = len(np.atleast_1d(mean))
+    return scale_features(day_features(closes, high, low, n_features), mean, scale)
+
+
+def input_returns(inputs: np.ndarray, mean, scale) -> np.ndarray:
     """[B, T-1, F] network inputs -> [B, T-1] the window's log returns (to_inputs undone), for the
     volatility baselines that read the same window."""
-    return inputs[..., 0].astype(np.float64) * scale + mean
+    return inputs[..., 0].astype(np.float64) * np.atleast_1d(scale)[0] + np.atleast_1d(mean)[0]
 
 
 def to_prices(last_close: np.ndarray, outputs: np.ndarray, mean: float = 0.0,

@@ -113,7 +113,7 @@ class LSTMForecaster(L.LightningModule):
     def __init__(self, input_size: int = 1, hidden_size: int = 50, num_layers: int = 2,
                  dropout: float = 0.1, horizon: int = 1, lr: float = 0.001,
                  weight_decay: float = 0.0, loss: str = "mse", levels: list[float] | None = None,
-                 anchor: bool = True, calibrate: bool = False) -> None:
+                 anchor: bool = True, calibrate: bool = False, range_dropout: float = 0.0) -> None:
         super().__init__()
         if loss not in ("mse", "huber", "pinball"):
             raise ValueError(f"model.loss must be huber, mse or pinball, not {loss!r}")
@@ -133,7 +133,12 @@ class LSTMForecaster(L.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        x, y = batch
+        if self.hparams.range_dropout and x.shape[-1] > 1:  # inputs with each day's range (and has_range)
+            # some windows without their ranges, as a request of closes alone arrives
+            keep = (torch.rand(len(x), 1, 1, device=x.device) >= self.hparams.range_dropout).to(x.dtype)
+            x = torch.cat([x[..., :1], x[..., 1:] * keep], dim=-1)
+        return self._step((x, y), "train")
 
     def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "val")

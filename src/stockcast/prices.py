@@ -99,7 +99,8 @@ def resolve(source: str, ticker: str, start: str, end: str, cache_dir: Path, sna
 
 
 def load_prices(path: str | Path, on_suspicious: str = "warn") -> pd.DataFrame:
-    """Read any of the three Yahoo CSV shapes; return a clean frame with a `close` column by date.
+    """Read any of the three Yahoo CSV shapes; return a clean frame with a `close` column by date,
+    and `high` and `low` when the file has them (NaN on rows where they are missing or invalid).
 
     Shapes: yfinance >= 0.2.51 (`Price`/`Ticker`/`Date` header rows), flat `Date,Open,...,Close`,
     and the classic export with `Adj Close` (preferred there: it matches yfinance's auto_adjust).
@@ -152,6 +153,12 @@ def load_prices(path: str | Path, on_suspicious: str = "warn") -> pd.DataFrame:
             raise DataError(f"{path}, line {first_line + i}: {name} ({close_text.iloc[i]!r})")
 
     frame = pd.DataFrame({"close": close.to_numpy()}, index=pd.DatetimeIndex(dates, name="date"))
+    if {"High", "Low"} <= set(raw.columns):  # the day's range: the data.features log_range input
+        high, low = (pd.to_numeric(raw[c].str.strip(), errors="coerce").to_numpy() for c in ("High", "Low"))
+        with np.errstate(invalid="ignore"):
+            # a row without a usable range keeps its close: the range input is then marked missing
+            usable = np.isfinite(high) & np.isfinite(low) & (low > 0) & (high >= low)
+        frame["high"], frame["low"] = np.where(usable, high, np.nan), np.where(usable, low, np.nan)
     if "Volume" in raw.columns:
         frame["volume"] = pd.to_numeric(raw["Volume"].str.strip(), errors="coerce").to_numpy()
     frame = frame[~missing.to_numpy()]  # exchange holidays exported as rows of null
@@ -170,7 +177,7 @@ def load_prices(path: str | Path, on_suspicious: str = "warn") -> pd.DataFrame:
         if on_suspicious == "error":
             raise DataError(message + " (data.on_suspicious=error)")
         log.warning("warning: %s (check the file; data.on_suspicious=error stops here)", message)
-    return frame[["close"]]
+    return frame[[c for c in ("close", "high", "low") if c in frame]]
 
 
 def parse_dates(text: pd.Series, path: Path, first_line: int) -> pd.DatetimeIndex:

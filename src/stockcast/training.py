@@ -9,6 +9,7 @@ import logging
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from stockcast.data import StockDataModule, Windows
 from stockcast.calibration import calibrate
 from stockcast.evaluation import LEVELS, baseline_intervals, compare, compare_intervals, interval_table, plot, table
 from stockcast.export import export_model, sha256
-from stockcast.features import FEATURES, input_returns, to_forecasts
+from stockcast.features import input_returns, to_forecasts
 from stockcast.model import LSTMForecaster, LSTMNet
 from stockcast.prices import DataError, load_prices, ticker_name
 from stockcast.tracking import Run
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 logging.getLogger("lightning").propagate = False
 # train.yaml's `name: ${ticker_name:${data.ticker}}`: artifacts/<name> follows the ticker unless set
 OmegaConf.register_new_resolver("ticker_name", ticker_name, replace=True)
+OmegaConf.register_new_resolver("len", len, replace=True)  # model.input_size: ${len:${data.features}}
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=-]{0,63}")  # a folder name under artifacts/
 
 
@@ -110,6 +112,16 @@ def predict(net: LSTMNet, windows: Windows, scaler: StandardScaler) -> tuple[np.
     net.eval()
     outputs = net(torch.from_numpy(windows.inputs)).numpy()  # [N, H] or [N, H, Q]
     return to_forecasts(windows.last_close, outputs, scaler.mean_[0], scaler.scale_[0], net.levels)
+
+
+def closes_only(windows: Windows) -> Windows | None:
+    """The windows as a request of closes alone gives them (no day's range known), or None when
+    the inputs are closes alone anyway."""
+    if windows.inputs.shape[-1] == 1:
+        return None
+    inputs = windows.inputs.copy()
+    inputs[..., 1:] = 0.0  # what features.scale_features gives a day without high and low
+    return replace(windows, inputs=inputs)
 
 
 def levels_of(net: LSTMNet) -> tuple[float, ...]:
@@ -193,6 +205,8 @@ def evaluate(forecaster: LSTMForecaster, datamodule: StockDataModule,
         w, quantiles = windows[s], outputs[s][1]
         returns = input_returns(w.inputs, scaler.mean_[0], scaler.scale_[0])
         methods = {} if quantiles is None else {"model": quantiles}
+        if quantiles is not None and (alone := closes_only(w)) is not None:  # answers to closes alone
+            methods["model_closes_only"] = predict(forecaster.net, alone, scaler)[1]
         methods.update(baseline_intervals(w.last_close, returns, w.future.shape[1], levels))
         record["intervals"] = compare_intervals(methods, w.future, w.last_close, levels)
     return outputs, results
@@ -232,7 +246,7 @@ def export(cfg: DictConfig, name: str, report: StockDataModule, served: StockDat
     last = windows["val"]
     from stockcast.promotion import fingerprint
 
-    export_model(forecaster.net, folder, served.scaler, FEATURES, meta={
+    export_model(forecaster.net, folder, served.scaler, list(hp.features), meta={
         "name": name, "ticker": hp.ticker, "window": hp.window, "horizon": hp.horizon,
         # a quantile model's levels (the handler's intervals); [] for a point model
         "levels": forecaster.net.levels, "calibration": forecaster.calibration,
