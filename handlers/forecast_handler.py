@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,7 @@ class ForecastHandler(BaseHandler):
         self.info = {"name": context.model_name, "ticker": meta["ticker"],
                      "version": context.manifest["model"].get("modelVersion", "")}
         self.failures_logged: set[str] = set()
+        self.width_every_s, self.width_sent_at = float(settings.get("width_every_s", 1.0)), -math.inf
         # the worker logs a line per request at INFO on the root logger; ts.metrics must stay at
         # INFO: its lines carry ForecastsServed and RequestsRejected to the frontend
         logging.getLogger().setLevel(settings.get("log_level", "WARNING"))
@@ -158,14 +160,17 @@ class ForecastHandler(BaseHandler):
             with np.errstate(over="ignore"):
                 arrays.append(np.array([to_float(v) for v in values], dtype=np.float64))
         high, low = arrays
+        # the prices' own bounds, and a day's range within the bound on a day's move; the closes
+        # are not required to lie inside it: adjusted closes with unadjusted highs and lows (the
+        # classic Yahoo export) are off by the adjustment factor, and only high / low is read
         with np.errstate(invalid="ignore", divide="ignore"):
-            bad = ~(np.isfinite(high) & np.isfinite(low) & (low > 0) & (high >= low)
+            bad = ~(features.usable_range(high, low) & (low >= self.min_price) & (high <= self.max_price)
                     & (np.log(high / low) <= self.max_daily_move))
         if bad.any():
             i = int(np.argmax(bad))
-            raise self.BadRequest("implausible_range", f"day {i}: high {body['high'][i]} and low "
-                                  f"{body['low'][i]} are not a range (0 < low <= high, within a factor "
-                                  f"e^{self.max_daily_move})")
+            raise self.BadRequest("implausible_range", f"day {i}: high {high[i]:.6g} and low {low[i]:.6g} "
+                                  f"are not a range (0 < low <= high, within a factor e^{self.max_daily_move}, "
+                                  f"prices {self.min_price:g} .. {self.max_price:g})")
         return high, low
 
     def check_prices(self, history: list[int | float]) -> np.ndarray:
@@ -256,10 +261,14 @@ class ForecastHandler(BaseHandler):
         return out
 
     def track_widths(self, context, answers: list[dict], last_closes: list[float]) -> None:
-        """IntervalWidth: the mean width of the served first-step intervals in % of the last close,
-        per nominal level; it follows market volatility (and jumps with it)."""
-        if not self.intervals:
+        """IntervalWidth: the mean width of a batch's first-step intervals in % of the last close,
+        per nominal level; it follows market volatility (and jumps with it). A gauge Prometheus
+        reads every 15 s needs no value per request: at most one per `width_every_s` per worker
+        (each metric line costs ~0.1 ms of a request's latency)."""
+        now = time.monotonic()
+        if not self.intervals or now - self.width_sent_at < self.width_every_s:
             return
+        self.width_sent_at = now
         for k, (level, _, _) in enumerate(self.intervals):
             width = np.mean([(a["intervals"][k]["upper"][0] - a["intervals"][k]["lower"][0]) / last
                              for a, last in zip(answers, last_closes, strict=True)])

@@ -280,9 +280,12 @@ def test_counters_are_emitted_with_the_model_version_and_the_rejection_reason(se
     assert sum(m.startswith(served) for m in lines) == 1
     assert sum(m.startswith(rejected) for m in lines) == 2
     # the served intervals' mean width in % of the last close, one gauge per nominal level
+    handler = service._entry_point.__self__
+    handler.width_sent_at = -float("inf")  # at most one value a second: the next batch sends one
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="ts.metrics.caching_metric"):
         [(_, answer)] = predict(service, GOOD)
+        predict(service, {"history": closes(seed=8).tolist()})  # within the second: no second value
     lines = [r.getMessage().removeprefix("[METRICS]") for r in caplog.records]
     for k, level in enumerate(("80", "95")):
         iv = answer["intervals"][k]
@@ -400,6 +403,9 @@ def test_a_range_models_answer_scales_with_all_prices(range_model, k):
     ({"high": [None] * 60}, "not_number", "high[0] is not a number but null"),
     ({"swap": True}, "implausible_range", "day 0: high"),
     ({"high": [1e300] * 60}, "implausible_range", "are not a range"),
+    ({"high": [float("nan")] * 60}, "implausible_range", "day 0: high nan"),
+    ({"high": [10**400] * 60}, "implausible_range", "day 0: high inf"),  # JSON integers have no limit
+    ({"low": [1e-9] * 60}, "implausible_range", "prices 1e-06 .. 1e+09"),
 ])
 def test_bad_ranges_are_a_400_naming_the_problem(range_model, change, reason, words):
     _, service = range_model
@@ -413,6 +419,14 @@ def test_bad_ranges_are_a_400_naming_the_problem(range_model, change, reason, wo
             body[key] = value
     [(status, answer)] = predict(service, body)
     assert status == 400 and answer["reason"] == reason and words in answer["error"], answer
+
+
+def test_only_the_last_window_days_of_high_and_low_are_read(range_model):
+    _, service = range_model
+    long = {k: v + v[:20] for k, v in ranged(seed=3).items()}  # 80 days
+    last = {k: v[-60:] for k, v in long.items()}
+    [(status, a)], [(_, b)] = predict(service, long), predict(service, last)
+    assert status == 200 and a["intervals"] == b["intervals"]
 
 
 def test_a_closes_only_model_ignores_high_and_low(service):

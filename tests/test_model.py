@@ -83,7 +83,8 @@ def test_the_loss_decides_the_output_width(horizon):
 
 
 @pytest.mark.parametrize("levels, match", [([0.1, 0.9], "must hold 0.5"), ([0.5, 0.1], "increase"),
-                                           ([0.0, 0.5], "increase")])
+                                           ([0.0, 0.5], "increase"), ([0.1, 0.5, 0.8], "central pairs"),
+                                           ([0.5], "central pairs")])
 def test_bad_levels_are_a_clear_error(levels, match):
     with pytest.raises(ValueError, match=match):
         LSTMForecaster(loss="pinball", levels=levels)
@@ -102,6 +103,22 @@ def test_untrained_quantile_model_is_the_ewma_baseline(horizon):
     point, quantiles = predict(quantile_net(horizon), windows, Unscaled())
     np.testing.assert_allclose(quantiles, ewma_quantiles(history[:, -1], returns, horizon), rtol=1e-5)
     np.testing.assert_allclose(point, np.repeat(history[:, -1:], horizon, axis=1), rtol=1e-6)
+
+
+def test_uncalibrated_quantiles_are_ordered_before_any_rearranging():
+    """The ladder of positive gaps orders them by construction: the sort after it is a no-op
+    unless calibration factors cross them."""
+    torch.manual_seed(4)
+    net = quantile_net(horizon=3, anchor=False).eval()  # no dropout
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=3.0)
+    x = torch.randn(64, 59, 1) * 5
+    with torch.no_grad():
+        out, _ = net.lstm(x)
+        raw = net.head(out[:, -1]).reshape(-1, 3, 5)
+        built = raw[..., 2:3] + torch.nn.functional.softplus(raw) @ net.ladder  # median + gaps, unsorted
+    assert (built[..., 1:] >= built[..., :-1]).all()  # ties where a softplus underflows to 0
+    torch.testing.assert_close(net(x), built)
 
 
 def test_quantiles_never_cross_for_random_inputs_and_weights():

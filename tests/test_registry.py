@@ -74,6 +74,10 @@ def test_gate_refuses_intervals_significantly_worse_than_ewma():
         return {**record, "fingerprint": "a" * 64, "data_end": record["test_end"], "until": None}
 
     right, narrow = with_quantiles(0.02), with_quantiles(0.006)  # the random walk's sigma is 0.02
+    quantile_meta = meta_for(right, levels=list(LEVELS))
+    assert gate(quantile_meta, right).passed
+    without = {k: v for k, v in right.items() if k != "intervals"}  # a quantile model needs its scores
+    assert "no intervals of this quantile model" in str(gate(quantile_meta, without))
     assert gate(meta_for(right), right).passed
     decision = gate(meta_for(narrow), narrow)
     assert narrow["intervals"]["model"]["coverage_95"] < 0.5

@@ -28,7 +28,9 @@ def conformal_factors(quantiles: np.ndarray, target: np.ndarray, levels: list[fl
         # the smallest factor that covers each outcome: how far out it fell, in the interval's units
         need = np.maximum((median - target) / (median - quantiles[..., lo]),
                           (target - median) / (quantiles[..., hi] - median))  # [N, H]
-        rank = min(n, math.ceil((n + 1) * coverage))  # 1-based
+        # 1-based; with fewer than coverage / (1 - coverage) outcomes (19 at 95%) the largest is
+        # the best there is, and the guarantee is lost: fit() calibrates on a whole val split
+        rank = min(n, math.ceil((n + 1) * coverage))
         factors[:, lo] = factors[:, hi] = np.sort(need, axis=0)[rank - 1]
     # a factor <= 0 would put a quantile on the wrong side of the median: it keeps a sliver
     return np.clip(factors, 0.05, None)
@@ -51,5 +53,7 @@ def calibrate(net: LSTMNet, windows: Windows) -> dict:
         return [round(float(v), 4) for v in np.mean(target[..., None] <= q, axis=(0, 1))]
 
     return {"method": "scaled split-conformal (CQR) on the early-stopping split", "n": len(x),
+            # the val split's interval figures are then in-sample for the factors
+            "val_intervals": "in-sample (the factors were fitted there)",
             "factors": np.round(factors, 4).tolist(), "levels": net.levels,
             "share_below_before": below(raw), "share_below_after": below(calibrated)}

@@ -103,7 +103,7 @@ def make_windows(frame: pd.DataFrame, window: int, horizon: int, val: float | st
         scaler.mean_ = np.array([scaler.mean_[0], ranges.mean(), 0.0])
         scaler.scale_ = np.array([scaler.scale_[0], ranges.std() or 1.0, 1.0])
         scaler.train_mean_ = np.array([scaler.train_mean_[0], ranges.mean(), 0.0])
-        scaler.n_features_in_ = 3
+        scaler.var_, scaler.n_features_in_ = scaler.scale_**2, 3
     scaler.mean_[0] = scaler.mean_[0] * center  # scale_features() and predict() both use mean_
     scaled = scale_features(days, scaler.mean_, scaler.scale_)  # [n-1, F]
     idx_in = starts[:, None] + np.arange(window - 1)  # [N, T-1]

@@ -20,6 +20,12 @@ def log_returns(closes: np.ndarray) -> np.ndarray:
     return np.diff(np.log(closes), axis=-1)
 
 
+def usable_range(high: np.ndarray, low: np.ndarray) -> np.ndarray:
+    """Which days' high and low make a range: finite, 0 < low <= high (the loader and the handler)."""
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(high) & np.isfinite(low) & (low > 0) & (high >= low)
+
+
 def day_features(closes: np.ndarray, high: np.ndarray | None = None, low: np.ndarray | None = None,
                  n_features: int = 1) -> np.ndarray:
     """[..., N] closes (and highs and lows, NaN where unknown) -> [..., N-1, F] unscaled features of
@@ -33,7 +39,7 @@ def day_features(closes: np.ndarray, high: np.ndarray | None = None, low: np.nda
     else:
         with np.errstate(invalid="ignore", divide="ignore"):
             log_range = np.log(np.asarray(high, dtype=np.float64) / np.asarray(low, dtype=np.float64))[..., 1:]
-    known = np.isfinite(log_range) & (log_range >= 0)
+    known = np.isfinite(log_range) & (log_range >= 0)  # usable_range's days (NaN where not)
     return np.stack([returns, np.where(known, log_range, 0.0), known.astype(np.float64)], axis=-1)
 
 

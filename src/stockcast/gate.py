@@ -58,6 +58,12 @@ def evidence_problem(meta: dict, evidence: dict, rules: dict) -> str | None:
     return None
 
 
+def model_intervals(evidence: dict) -> dict[str, dict]:
+    """{"model": its interval scores, "model_closes_only": ...} from a backtest.json record."""
+    found = evidence.get("intervals") or {}
+    return {k: v for k, v in found.items() if k.startswith("model") and isinstance(v, dict)}
+
+
 def gate(meta: dict, evidence: dict | None, **rules) -> Decision:
     """May this exported model serve? It trained (it has a val-best checkpoint), its exported
     files reproduce the network, and enough of its walk-forward backtest (same config and code,
@@ -79,19 +85,34 @@ def gate(meta: dict, evidence: dict | None, **rules) -> Decision:
         worse = [f"{b} (RMSE ratio {evidence[f'rmse_ratio{suffix}']:.4f}, DM p {evidence[f'dm_p_{b}']:.3g})"
                  for b, suffix in zip(BASELINES, ("", "_drift"), strict=True)
                  if evidence[f"dm_stat_{b}"] > 0 and evidence[f"dm_p_{b}"] < rules["alpha"]]
-        intervals = (evidence.get("intervals") or {}).get("model") or {}
-        worse += [f"EWMA's {key[len('score_'):]}% intervals (interval score ratio "
-                  f"{intervals[f'{key}_ratio_ewma']:.3f}, DM p {intervals[f'{key}_dm_p_ewma']:.3g})"
-                  for key in sorted(k[: -len("_dm_stat_ewma")] for k in intervals
-                                    if k.startswith("score_") and k.endswith("_dm_stat_ewma"))
-                  if intervals[f"{key}_dm_stat_ewma"] > 0 and intervals[f"{key}_dm_p_ewma"] < rules["alpha"]]
+        # a quantile model's intervals, and a range model's answers to closes alone, against EWMA's
+        for method, scores in model_intervals(evidence).items():
+            keys = sorted(k[: -len("_dm_stat_ewma")] for k in scores
+                          if k.startswith("score_") and k.endswith("_dm_stat_ewma"))
+            if meta.get("levels") and not (keys and all(
+                    isinstance(scores.get(f"{key}_{x}_ewma"), (int, float))
+                    and math.isfinite(scores[f"{key}_{x}_ewma"]) for key in keys for x in ("dm_stat", "dm_p", "ratio"))):
+                refused.append(f"the walk-forward report has no finite interval scores for {method}: "
+                               f"run `python backtest.py experiment={meta.get('name', '<name>')}` again")
+                continue
+            worse += [f"EWMA's {key[len('score_'):]}% intervals{'' if method == 'model' else ' (closes alone)'} "
+                      f"(interval score ratio {scores[f'{key}_ratio_ewma']:.3f}, DM p {scores[f'{key}_dm_p_ewma']:.3g})"
+                      for key in keys
+                      if scores[f"{key}_dm_stat_ewma"] > 0 and scores[f"{key}_dm_p_ewma"] < rules["alpha"]]
+        if meta.get("levels") and not model_intervals(evidence):
+            refused.append("the walk-forward report has no intervals of this quantile model: run "
+                           f"`python backtest.py experiment={meta.get('name', '<name>')}` again")
         if worse:
             refused.append("walk-forward significantly worse than " + " and ".join(worse))
     if refused:
         return Decision(False, refused)
+    intervals = model_intervals(evidence).get("model", {})
+    also = (f"; interval score {intervals['score_80_ratio_ewma']:.3f}x / {intervals['score_95_ratio_ewma']:.3f}x "
+            "EWMA's (80% / 95%), not significantly worse"
+            if {"score_80_ratio_ewma", "score_95_ratio_ewma"} <= set(intervals) else "")
     return Decision(True, [f"walk-forward {evidence['n_test']} forecasts in {len(evidence['folds'])} folds "
                            f"{evidence['test_start']}..{evidence['test_end']}: RMSE ratio "
                            f"{evidence['rmse_ratio']:.4f} vs persistence "
                            f"(DM p {evidence['dm_p_persistence']:.2f}), "
                            f"{evidence['rmse_ratio_drift']:.4f} vs drift (p {evidence['dm_p_drift']:.2f}), "
-                           "not significantly worse"])
+                           "not significantly worse" + also])

@@ -25,6 +25,10 @@ def check_levels(levels) -> list[float]:
         raise ValueError(f"model.levels must increase strictly within (0, 1), got {out}")
     if 0.5 not in out:
         raise ValueError(f"model.levels must hold 0.5 (the median is the point forecast), got {out}")
+    mirrored = {round(x, 6) for x in out}
+    if any(round(1 - x, 6) not in mirrored for x in out) or len(out) < 3:
+        raise ValueError(f"model.levels must come in central pairs around 0.5 (0.1 with 0.9: the "
+                         f"intervals served and scored), got {out}")
     return out
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from stockcast.features import usable_range
+
 log = logging.getLogger(__name__)
 
 MISSING = {"", "null", "nan", "NaN", "None"}
@@ -155,9 +157,8 @@ def load_prices(path: str | Path, on_suspicious: str = "warn") -> pd.DataFrame:
     frame = pd.DataFrame({"close": close.to_numpy()}, index=pd.DatetimeIndex(dates, name="date"))
     if {"High", "Low"} <= set(raw.columns):  # the day's range: the data.features log_range input
         high, low = (pd.to_numeric(raw[c].str.strip(), errors="coerce").to_numpy() for c in ("High", "Low"))
-        with np.errstate(invalid="ignore"):
-            # a row without a usable range keeps its close: the range input is then marked missing
-            usable = np.isfinite(high) & np.isfinite(low) & (low > 0) & (high >= low)
+        # a row without a usable range keeps its close: the range input is then marked missing
+        usable = usable_range(high, low)
         frame["high"], frame["low"] = np.where(usable, high, np.nan), np.where(usable, low, np.nan)
     if "Volume" in raw.columns:
         frame["volume"] = pd.to_numeric(raw["Volume"].str.strip(), errors="coerce").to_numpy()
