@@ -149,7 +149,7 @@ def test_planted_drift_is_found_and_every_file_is_written(tmp_path):
         assert saved["intervals"]["ewma"]["coverage_80"] == pytest.approx(inside)
         assert set(saved["intervals"]) == {"model", "ewma", "historical"}
         assert "score_95_ratio_ewma" in saved["intervals"]["historical"]
-        # the model's own quantiles (calibrated in each fold), ordered, their median its point forecast
+        # the model's own quantiles (each fold's network), ordered, their median its point forecast
         m = rows[[f"model_q{level}" for level in LEVELS]].to_numpy()
         assert (np.diff(m, axis=1) > 0).all() and np.allclose(m[:, 2], rows["model"], rtol=1e-9)
         inside = ((rows["actual"] >= m[:, 0]) & (rows["actual"] <= m[:, 4])).mean()

@@ -373,8 +373,16 @@ def test_a_range_model_reads_high_and_low_and_answers_closes_alone(range_model):
     scaler = json.loads((artifacts / "scaler.json").read_text())
     model = torch.jit.load(str(artifacts / "model.pt"))
     h, hi, lo = (np.array([body[k]]) for k in ("history", "high", "low"))
+    mean, scale = np.array(scaler["mean"]), np.array(scaler["scale"])
     for answer, (high, low) in ((with_range, (hi, lo)), (alone, (None, None))):
-        x = to_inputs(h, scaler["mean"], scaler["scale"], high, low)
+        # the inputs built by hand, not with the transform under test: each day's log return and
+        # log range, standardised, the range 0 and has_range 0 where unknown
+        returns = np.diff(np.log(h[0]))
+        known = np.ones_like(returns) if high is not None else np.zeros_like(returns)
+        ranges = np.log(high[0, 1:] / low[0, 1:]) if high is not None else np.zeros_like(returns)
+        x = np.stack([(returns - mean[0]) / scale[0], known * (ranges - mean[1]) / scale[1], known],
+                     axis=-1)[None].astype(np.float32)
+        np.testing.assert_allclose(x, to_inputs(h, mean, scale, high, low), atol=1e-6)
         with torch.no_grad():
             q = model(torch.from_numpy(x)).double().numpy()
         prices = h[0, -1] * np.exp(q[0, 0] * scaler["scale"][0] + scaler["mean"][0])
