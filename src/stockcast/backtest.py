@@ -46,6 +46,11 @@ def quantile_columns(levels: tuple[float, ...]) -> list[str]:
     return [f"{name}_q{level}" for name in INTERVAL_METHODS for level in levels]
 
 
+def levels_in(rows: pd.DataFrame) -> tuple[float, ...]:
+    """The quantile levels a backtest.csv holds (its ewma_q<level> columns); () for none."""
+    return tuple(float(c[len("ewma_q"):]) for c in rows.columns if c.startswith("ewma_q"))
+
+
 @dataclass(frozen=True)
 class Fold:
     """Rows are positions in the price frame: train and val targets < origin <= test targets < end."""
@@ -169,7 +174,7 @@ def pooled(rows: pd.DataFrame, ticker: str) -> dict:
     for name in BASELINES:
         record[f"dm_stat_{name}"], record[f"dm_p_{name}"] = diebold_mariano(
             forecasts["model"], forecasts[name], actual)
-    levels = tuple(float(c[len("ewma_q"):]) for c in rows.columns if c.startswith("ewma_q"))
+    levels = levels_in(rows)
     if levels:
         record["intervals"] = compare_intervals(
             {name: np.stack([wide(f"{name}_q{level}") for level in levels], axis=-1)
@@ -202,7 +207,7 @@ def plot_backtest(path: Path, rows: pd.DataFrame, record: dict) -> None:
     import matplotlib.pyplot as plt
 
     first = rows[rows["step"] == 1]
-    levels = tuple(float(c[len("ewma_q"):]) for c in rows.columns if c.startswith("ewma_q"))
+    levels = levels_in(rows)
     pairs = interval_pairs(levels) if levels else []
     fig, axes = plt.subplots(3 if pairs else 2, 1, figsize=(11, 10 if pairs else 7))
     for name, color in (("persistence", "tab:orange"), ("drift", "tab:green")):
