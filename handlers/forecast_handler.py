@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -59,7 +60,8 @@ class ForecastHandler(BaseHandler):
                 raise RuntimeError(f"{name} does not match the checksum in meta.json")
         scaler = json.loads((model_dir / meta["scaler_file"]).read_text())
         # per input feature (log return; with ranges also log_range and has_range)
-        self.mean, self.scale = np.array(scaler["mean"], dtype=np.float64), np.array(scaler["scale"], dtype=np.float64)
+        self.mean = np.array(scaler["mean"], dtype=np.float64)
+        self.scale = np.array(scaler["scale"], dtype=np.float64)
         self.uses_range = len(self.mean) > 1  # the request's optional high/low arrays are read
         self.window, self.horizon = int(meta["window"]), int(meta["horizon"])
         self.levels = [float(x) for x in meta.get("levels") or []]  # [] for a point model
@@ -72,6 +74,8 @@ class ForecastHandler(BaseHandler):
         self.info = {"name": context.model_name, "ticker": meta["ticker"],
                      "version": context.manifest["model"].get("modelVersion", "")}
         self.failures_logged: set[str] = set()
+        self.own_status = True  # per batch: False while answering the instances of one request
+        self.announce(context, meta, model_dir)
         self.width_every_s, self.width_sent_at = float(settings.get("width_every_s", 1.0)), -math.inf
         # the worker logs a line per request at INFO on the root logger; ts.metrics must stay at
         # INFO: its lines carry ForecastsServed and RequestsRejected to the frontend
@@ -99,10 +103,44 @@ class ForecastHandler(BaseHandler):
             self.session = None
             super().initialize(context)  # loads the TorchScript model.pt, in eval mode
 
+    def announce(self, context, meta: dict, model_dir: Path) -> None:
+        """Metrics of this worker's start: which model it serves (ModelTrainedThrough: the date of
+        the last close the model was trained on, labelled with version, ticker and horizon) and
+        WorkerStarts, Start="restart" when a worker died and this one replaces it (also a warning
+        in the log)."""
+        through = meta.get("data", {}).get("through")
+        if through:
+            seconds = (np.datetime64(str(through)[:10], "s") - np.datetime64(0, "s")).astype(float)
+            context.metrics.add_metric(
+                "ModelTrainedThrough", float(seconds), unit="seconds", metric_type=MetricTypes.GAUGE,
+                dimensions=self.dimensions(Dimension("Ticker", meta["ticker"]),
+                                           Dimension("Horizon", str(self.horizon)),
+                                           Dimension("TrainedThrough", str(through)[:10])))
+        # the frontend restarts a dead worker on the same socket, and the model's folder outlives
+        # its workers: a marker per socket there tells a restart from a first start
+        argv = sys.argv
+        socket = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--sock-name", "--port")), "")
+        start = "initial"
+        if socket:
+            try:
+                (model_dir / f".worker-started-{Path(socket).name}").touch(exist_ok=False)
+            except FileExistsError:
+                start = "restart"
+                # on stderr, which the frontend logs at WARN (stdout lines are INFO)
+                print(f"WARNING: a worker of {self.info['name']} (version {self.info['version']}) restarted "
+                      f"on {Path(socket).name}: the one before it died", file=sys.stderr, flush=True)
+            except OSError:  # a read-only model folder: every start counts as a first one
+                pass
+        self.count(context, "WorkerStarts", 1, Dimension("Start", start))
+
     def parse(self, row: dict) -> np.ndarray:
         """One request -> float64 [3, T]: its last `window` closes, highs and lows (NaN when the
         request has none or the model does not read them), or BadRequest."""
         body = row.get("data") if row.get("data") is not None else row.get("body")
+        if body is None and "history" in row:  # KServe v1 (TS_SERVICE_ENVELOPE=kserve): an instance
+            body = row
+        elif isinstance(row.get("datatype"), str) and isinstance(body, list):  # KServe v2: an input
+            body = {"history": self.v2_history(row)}
         if isinstance(body, (bytes, bytearray)):
             try:
                 body = body.decode("utf-8")
@@ -138,6 +176,16 @@ class ForecastHandler(BaseHandler):
             high, low = self.parse_range(body, len(history))
         return np.stack([closes, high[-self.window :], low[-self.window :]])
 
+    def v2_history(self, tensor: dict) -> list:
+        """A KServe v2 input tensor (TS_SERVICE_ENVELOPE=kservev2): one history, shape [T] or [1, T]."""
+        shape, data = tensor.get("shape"), tensor["data"]
+        if len(data) == 1 and isinstance(data[0], list):
+            data = data[0]
+        if not isinstance(shape, list) or shape[-1:] != [len(data)] or any(n != 1 for n in shape[:-1]):
+            raise self.BadRequest("bad_shape", f"a v2 input is one history of closes, shape [T] or [1, T]; "
+                                               f"got shape {shape}")
+        return data
+
     def check_numbers(self, key: str, values: list) -> None:
         for i, value in enumerate(values):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -169,7 +217,8 @@ class ForecastHandler(BaseHandler):
         if bad.any():
             i = int(np.argmax(bad))
             raise self.BadRequest("implausible_range", f"day {i}: high {high[i]:.6g} and low {low[i]:.6g} "
-                                  f"are not a range (0 < low <= high, within a factor e^{self.max_daily_move}, "
+                                  "are not a range (0 < low <= high, within a factor "
+                                  f"e^{self.max_daily_move}, "
                                   f"prices {self.min_price:g} .. {self.max_price:g})")
         return high, low
 
@@ -214,12 +263,31 @@ class ForecastHandler(BaseHandler):
         return features.to_forecasts(closes[:, -1], y, self.mean[0], self.scale[0], self.levels)
 
     def handle(self, data: list[dict], context) -> list[dict]:
-        """One response per request: a forecast, or an error object with a status of its own."""
+        """One response per request: a forecast, or an error object with a status of its own.
+        Under a KServe envelope `data` holds one request's instances: one result per instance."""
+        began = time.perf_counter()
+        results = self.results(data, context)
+        # HandlerLatency: this batch's time in the handler, in units of 10 ms: TorchServe 0.12 builds
+        # histograms with the Prometheus client's default buckets (0.005 .. 10), which then span
+        # 0.05 .. 100 ms (multiply by 10 for ms). One line per batch (~0.1 ms).
+        context.metrics.add_metric("HandlerLatency", round((time.perf_counter() - began) * 100, 6),
+                                   unit="10ms", dimensions=self.dimensions(),
+                                   metric_type=MetricTypes.HISTOGRAM)
+        return results
+
+    def results(self, data: list[dict] | None, context) -> list[dict]:
+        if not data:  # what a KServe envelope passes on for a request without "instances"
+            self.own_status = True
+            return [self.fail(context, 0, self.BadRequest(
+                "no_instances", 'no instances: send {"instances": [{"history": [closes]}, ...]}'))]
         results: list[dict | None] = [None] * len(data)
         good: dict[int, np.ndarray] = {}
+        requests = len(context.request_ids or {0: None})
+        # statuses and headers are a request's: one request's instances (a KServe envelope) have none
+        self.own_status = len(data) <= requests
         for i, row in enumerate(data):
             try:
-                if context.get_request_header(i, "explain") == "True":
+                if context.get_request_header(min(i, requests - 1), "explain") == "True":
                     raise self.BadRequest("no_explanations", "this model has no explanations: "
                                           "POST /predictions/<model>", code=404)
                 good[i] = self.parse(row)
@@ -245,6 +313,9 @@ class ForecastHandler(BaseHandler):
             if served:
                 self.count(context, "ForecastsServed", len(served))
                 self.track_widths(context, [results[i] for i in served], [good[i][0, -1] for i in served])
+        if not self.own_status and all("forecast" not in r for r in results):
+            # the instances of one enveloped request: it fails only when none is answered
+            context.set_response_status(results[0]["code"], PHRASES[results[0]["code"]], 0)
         return results
 
     def answer(self, context, idx: int, forecast: np.ndarray, quantiles: np.ndarray | None) -> dict:
@@ -252,7 +323,8 @@ class ForecastHandler(BaseHandler):
         if not np.isfinite(forecast).all() or (quantiles is not None and not np.isfinite(quantiles).all()):
             return self.fail(context, idx, self.BadRequest(  # finite prices whose forecast overflows
                 "forecast_overflow", "prices too large: the forecast is not finite"))
-        context.set_response_content_type(idx, "application/json")
+        if self.own_status:
+            context.set_response_content_type(idx, "application/json")
         out = {"prediction": float(forecast[0]), "forecast": forecast.tolist(),
                "window": self.window, "horizon": self.horizon, "model": self.info}
         if quantiles is not None:
@@ -289,8 +361,9 @@ class ForecastHandler(BaseHandler):
                 log.error("a request failed (each kind of failure is logged once): %s: %s", kind,
                           str(err)[:300], exc_info=err)
             self.count(context, "RequestsFailed", 1, Dimension("Reason", type(err).__name__))
-        context.set_response_status(code, PHRASES[code], idx)
-        context.set_response_content_type(idx, "application/json")
+        if self.own_status:
+            context.set_response_status(code, PHRASES[code], idx)
+            context.set_response_content_type(idx, "application/json")
         return {"code": code, "type": TYPES[code], "message": message, "error": message,
                 "reason": reason}
 

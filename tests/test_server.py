@@ -117,7 +117,9 @@ def test_every_dashboard_metric_exists_in_a_real_scrape(server):
     post(server, json.dumps(ORIGINAL))
     text = scrape(server)
     declared = set(re.findall(r"^# TYPE (\S+) ", text, flags=re.M))
-    assert dashboard_metric_names() <= declared, dashboard_metric_names() - declared
+    # a histogram is declared once and queried by its _bucket series; up and ALERTS are Prometheus' own
+    queried = {re.sub(r"_bucket$", "", name) for name in dashboard_metric_names()} - {"up", "ALERTS"}
+    assert queried <= declared, queried - declared
     deadline = time.monotonic() + 90  # system metrics are collected once a minute
     while counter(text, "MemoryUsed") == 0 and time.monotonic() < deadline:
         time.sleep(2)
@@ -155,49 +157,6 @@ def test_with_token_auth_on_a_request_needs_the_key_and_stop_leaves_nothing(mar,
     assert list(processes(srv.pid)) == []
     with pytest.raises(OSError):
         get(f"{srv.inference}/ping", timeout=1)
-
-
-def test_a_real_prometheus_scrapes_the_server_with_our_config(server, tmp_path):
-    import os
-    import shutil
-    import signal
-    import urllib.parse
-
-    import yaml
-
-    binary = shutil.which("prometheus")
-    if binary is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("prometheus missing in CI: .ci/run installs Debian's prometheus")
-        pytest.skip("prometheus not installed: apt-get install prometheus")
-    config = yaml.safe_load((ROOT / "monitoring" / "prometheus.yml").read_text())
-    config["global"]["scrape_interval"] = "1s"  # the shipped 15 s, shortened for the test
-    config["scrape_configs"][0]["static_configs"][0]["targets"] = [f"127.0.0.1:{server.ports[2]}"]
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_ports(1)[0]
-    post(server, json.dumps(ORIGINAL))
-    proc = subprocess.Popen(
-        [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        def query(expr: str) -> list:
-            q = urllib.parse.quote(expr)
-            try:
-                code, body = get(f"http://127.0.0.1:{port}/api/v1/query?query={q}")
-            except OSError:
-                return []
-            return json.loads(body)["data"]["result"] if code == 200 else []
-
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not query('ForecastsServed{ModelName="lstm"}'):
-            time.sleep(0.5)
-        assert [r["value"][1] for r in query('up{job="torchserve"}')] == ["1"]
-        served = query('ForecastsServed{ModelName="lstm"}')
-        assert served and float(served[0]["value"][1]) >= 1
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 def test_the_serve_command_is_idempotent_and_reloads_a_changed_archive(artifacts, tmp_path):

@@ -273,9 +273,11 @@ def need_java() -> None:
 
 
 def start(model_store: Path, home: Path, handlers: Path = Path("handlers"), ports=PORTS,
-          token_auth: bool = True, quiet_logs: bool = True, timeout: float = 120) -> Server:
+          token_auth: bool = True, quiet_logs: bool = True, timeout: float = 120,
+          settings: dict[str, str] | None = None) -> Server:
     """Start TorchServe in the background with `model_store`/lstm.mar; return once it can predict,
-    or raise RuntimeError with the cause as soon as a worker fails to load the model."""
+    or raise RuntimeError with the cause as soon as a worker fails to load the model. `settings`
+    override config.properties keys (addresses, paths and token auth excepted)."""
     need_java()
     taken = busy(ports)
     if taken:
@@ -291,6 +293,7 @@ def start(model_store: Path, home: Path, handlers: Path = Path("handlers"), port
         meta = json.loads(z.read("meta.json"))
     (home / "example_request.json").write_text(json.dumps(example_request(meta)) + "\n")
     settings = {
+        **(settings or {}),
         "inference_address": f"http://127.0.0.1:{ports[0]}",
         "management_address": f"http://127.0.0.1:{ports[1]}",
         "metrics_address": f"http://127.0.0.1:{ports[2]}",
