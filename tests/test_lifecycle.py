@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shlex
 import subprocess
 import sys
@@ -52,12 +51,11 @@ def workers(server, settle: float = 30) -> list[str]:
 
 
 def healthcheck(server) -> subprocess.CompletedProcess:
-    """The Dockerfile's HEALTHCHECK command, pointed at `server`."""
-    dockerfile = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
-    command = json.loads(re.search(r"^HEALTHCHECK .*? CMD (\[.*\])$", dockerfile, re.M).group(1))
-    command[-1] = (command[-1].replace("/home/model-server/key_file.json", str(server.home / "key_file.json"))
-                   .replace("127.0.0.1:8081", f"127.0.0.1:{server.ports[1]}"))
-    return subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, timeout=30)
+    """The image's HEALTHCHECK (and Kubernetes probe) script, pointed at `server`."""
+    script = ROOT / "deploy" / "image" / "healthcheck.py"
+    return subprocess.run([sys.executable, str(script), "--url", server.management,
+                           "--key-file", str(server.home / "key_file.json")],
+                          capture_output=True, text=True, timeout=30)
 
 
 def broken_archive(mar: Path, store: Path) -> Path:

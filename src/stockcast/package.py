@@ -1,9 +1,14 @@
-"""Archive exported artifacts for TorchServe: python -m stockcast.package artifacts/petr4 model_store"""
+"""Archive exported artifacts for TorchServe: python -m stockcast.package artifacts/petr4 model_store
+
+--kserve DIR also writes the folder KServe's TorchServe runtime serves from a storageUri
+(DIR/config/config.properties, metrics.yaml, log4j2.xml and DIR/model-store/lstm.mar).
+"""
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -134,6 +139,95 @@ def build_archive(artifacts: Path, export_path: Path, handlers: Path = Path("han
     return mar
 
 
+# KServe: the storage initializer puts storageUri's content here, and KServe's TorchServe wrapper
+# (pytorch/serve kubernetes/kserve/kserve_wrapper) takes 8080 (HTTP) and 8081 (gRPC) itself and
+# forwards to TorchServe at the inference_address it reads from config.properties: 8085 by convention
+KSERVE_ROOT = "/mnt/models"
+KSERVE_ADDRESS = "http://127.0.0.1:8085"
+SNAPSHOT_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout")
+
+
+def properties(path: Path) -> dict[str, str]:
+    """key=value lines of a TorchServe config (no continuation lines: ours have none)."""
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines()
+             if "=" in line and not line.lstrip().startswith("#"))
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def kserve_config(handlers: Path, overrides: dict, version: str) -> str:
+    """config.properties for KServe's TorchServe runtime: the Docker config's serving settings,
+    KServe's paths and ports, and the archive's batching in model_snapshot."""
+    docker = properties(handlers / "config.docker.properties")
+    model = yaml.safe_load(model_config(handlers, overrides))
+    # one request per batch: TorchServe 0.12's v1 envelope reads only a batch's first request and
+    # answers once, so a batch of several requests fails them all (503); the instances of one
+    # request are still forecast in one forward pass
+    snapshot = {"name": "startup.cfg", "modelCount": 1, "models": {MODEL_NAME: {version: {
+        "defaultVersion": True, "marName": f"{MODEL_NAME}.mar", **{k: model[k] for k in SNAPSHOT_KEYS},
+        "batchSize": 1, "maxBatchDelay": 0}}}}
+    kept = ("max_request_size", "max_response_size", "default_response_timeout",
+            "install_py_dep_per_model", "enable_model_api")
+    lines = [
+        "# KServe's TorchServe runtime reads this from storageUri as /mnt/models/config/config.properties.",
+        "# Written by python -m stockcast.package --kserve from handlers/config.docker.properties and",
+        "# model-config.yaml: change those and package again, not this file.",
+        "# The wrapper serves KServe's API on 8080 (gRPC 8081) and forwards to TorchServe here, inside",
+        "# the pod only; it reads inference_address, management_address, model_store and model_snapshot.",
+        f"inference_address={KSERVE_ADDRESS}",
+        f"management_address={KSERVE_ADDRESS}",
+        "# scraped from outside the pod: the runtime annotates prometheus.kserve.io/port 8082",
+        f"metrics_address={docker['metrics_address']}",
+        "grpc_inference_port=7070",
+        "grpc_management_port=7071",
+        "metrics_mode=prometheus",
+        f"metrics_config={KSERVE_ROOT}/config/metrics.yaml",
+        f"model_store={KSERVE_ROOT}/model-store",
+        "load_models=all",
+        f"model_snapshot={json.dumps(snapshot, separators=(',', ':'))}",
+        f"allowed_urls=file://{KSERVE_ROOT}/model-store/[^/]+\\\\.mar",
+        "# The wrapper sends no Authorization header (neither for predictions nor for its readiness",
+        "# check of the workers), and TorchServe 0.12 cannot be given a key: token auth must be off.",
+        "# Inference and management listen on loopback only; authenticate at KServe's ingress.",
+        "disable_token_authorization=true",
+        "# service_envelope comes from TS_SERVICE_ENVELOPE, which the runtime sets from the protocol",
+        "# (kserve for v1, kservev2 for v2): TorchServe reads TS_* variables only with this on",
+        "enable_envvars_config=true",
+        *(f"{key}={docker[key]}" for key in kept),
+        "# the runtime starts torchserve without --log-config: production log levels through the JVM",
+        f"vmargs={docker['vmargs']} -Dlog4j.configurationFile=file://{KSERVE_ROOT}/config/log4j2.xml",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Readers and concurrent writers see the old file or a whole new one, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the files from the server's user
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def kserve_folder(mar: Path, folder: Path, handlers: Path = Path("handlers"),
+                  overrides: dict | None = None) -> Path:
+    """`folder` as KServe's TorchServe runtime wants its storageUri: config/config.properties
+    (+ metrics.yaml, log4j2.xml) and model-store/lstm.mar, a copy of `mar`."""
+    archive = Path(mar).read_bytes()  # once: a build may replace lstm.mar meanwhile
+    with zipfile.ZipFile(io.BytesIO(archive)) as z:
+        version = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["modelVersion"]
+    write_atomically(folder / "config" / "config.properties",
+                     kserve_config(Path(handlers), overrides or {}, version).encode())
+    for name in ("metrics.yaml", "log4j2.xml"):
+        write_atomically(folder / "config" / name, (Path(handlers) / name).read_bytes())
+    write_atomically(folder / "model-store" / Path(mar).name, archive)
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m stockcast.package", description=__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -147,6 +241,9 @@ def main() -> None:
                         help="which exported model to serve")
     parser.add_argument("--profile", choices=list(PROFILES), default="throughput",
                         help="serving profile: overrides of handlers/model-config.yaml")
+    parser.add_argument("--kserve", type=Path, metavar="DIR",
+                        help="also write DIR/config/config.properties and DIR/model-store/lstm.mar "
+                        "for KServe's TorchServe runtime (deploy/kserve/)")
     args = parser.parse_args()
     mar = args.export_path / f"{MODEL_NAME}.mar"
     try:
@@ -154,10 +251,14 @@ def main() -> None:
         fresh = up_to_date(mar, contents(args.artifacts, Path("handlers"), args.format, overrides))
         build_archive(args.artifacts, args.export_path, version=args.version,
                       model_format=args.format, overrides=overrides)
-    except (OSError, ValueError, RuntimeError) as err:
+        if args.kserve:
+            kserve_folder(mar, args.kserve, overrides=overrides)
+    except (OSError, ValueError, RuntimeError, KeyError, zipfile.BadZipFile) as err:
         sys.exit(f"error: {err}")
     print(f"{mar}: {'up to date with' if fresh else 'built from'} {args.artifacts} "
           f"({args.format}, {args.profile} profile)")
+    if args.kserve:
+        print(f"{args.kserve}: config/config.properties and model-store/{mar.name} for KServe")
 
 
 if __name__ == "__main__":
