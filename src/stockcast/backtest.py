@@ -31,6 +31,7 @@ from stockcast.evaluation import (
     table,
 )
 from stockcast.features import input_returns, interval_pairs
+from stockcast.launch import job_cpus, world_size
 from stockcast.prices import DataError, load_prices
 from stockcast.promotion import fingerprint
 from stockcast.tracking import Run
@@ -252,6 +253,12 @@ def plot_backtest(path: Path, rows: pd.DataFrame, record: dict) -> None:
     plt.close(fig)
 
 
+def fold_processes(n_jobs: int) -> int:
+    """Folds trained at once for backtest.n_jobs: -1 one per CPU of this job (launch.job_cpus: fewer
+    when a launcher runs jobs side by side), -2 all but one, as joblib counts."""
+    return max(1, job_cpus() + 1 + n_jobs if n_jobs < 0 else n_jobs)
+
+
 def backtest(cfg: DictConfig) -> dict:
     """Run every fold (in parallel), write backtest.csv/json/png to the run folder and
     backtest.out_dir; return the backtest.json record."""
@@ -259,6 +266,9 @@ def backtest(cfg: DictConfig) -> dict:
 
     started = time.perf_counter()
     name = run_name(cfg)
+    if world_size(cfg.trainer) > 1:
+        raise RunError("trainer: the walk-forward's folds are its parallelism, each one process on one "
+                       "core; run it without trainer=ddp")
     datamodule: StockDataModule = build(cfg, "data")
     datamodule.prepare_data()
     hp = datamodule.hparams
@@ -286,7 +296,11 @@ def backtest(cfg: DictConfig) -> dict:
         jobs.append(delayed(run_fold)(fold_cfg, frame, fold, str(datamodule.path)))
     log.info(f"{name}: {len(plan)} folds, origins {frame.index[plan[0].origin]:%Y-%m-%d} .. "
              f"{frame.index[plan[-1].origin]:%Y-%m-%d} every {bt.step} trading days")
-    rows = pd.concat(Parallel(n_jobs=int(bt.n_jobs))(jobs), ignore_index=True)
+    n_jobs = fold_processes(int(bt.n_jobs))
+    # processes always: inside a worker of hydra/launcher=joblib, joblib's default is threads, and
+    # Lightning fits in threads of one process share its seed and its thread setting
+    rows = pd.concat(Parallel(n_jobs=n_jobs, backend="loky" if n_jobs > 1 else "sequential")(jobs),
+                     ignore_index=True)
 
     record = pooled(rows, hp.ticker)
     record.update({"window": hp.window, "horizon": hp.horizon, "step": int(bt.step),

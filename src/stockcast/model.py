@@ -133,7 +133,10 @@ class LSTMForecaster(L.LightningModule):
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
         loss = self.loss(self(x), y)
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_epoch=True, on_step=False, batch_size=len(x))
+        # sync_dist: under DDP each process sees a share of the windows; early stopping and the
+        # checkpoint must judge the mean over all of them (a no-op in one process)
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_epoch=True, on_step=False, batch_size=len(x),
+                 sync_dist=True)
         return loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:

@@ -4,6 +4,7 @@ passes); fit and evaluate are shared with the walk-forward backtest."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -28,6 +29,7 @@ from stockcast.calibration import calibrate
 from stockcast.evaluation import LEVELS, baseline_intervals, compare, compare_intervals, interval_table, plot, table
 from stockcast.export import export_model, sha256
 from stockcast.features import input_returns, to_forecasts
+from stockcast.launch import is_global_zero, launched_externally, world_size
 from stockcast.model import LSTMForecaster, LSTMNet
 from stockcast.prices import DataError, load_prices, ticker_name
 from stockcast.tracking import Run
@@ -153,15 +155,39 @@ def load_data(cfg: DictConfig) -> StockDataModule:
     return datamodule
 
 
+class SameData(L.Callback):
+    """Under DDP every process loads the data itself (data.source=auto downloads): the processes
+    stop together, instead of training on different windows or hanging, when theirs differ."""
+
+    def __init__(self, windows: Windows) -> None:
+        self.digest = hashlib.sha256(windows.inputs.tobytes() + windows.targets.tobytes()).hexdigest()
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        same = trainer.strategy.broadcast(self.digest, src=0) == self.digest
+        if not trainer.strategy.reduce_boolean_decision(same, all=True):
+            raise RunError("the DDP processes loaded different training data (a download that changed "
+                           "between them?): use data.source=csv or a data.cache_dir they share")
+
+
 def fit(cfg: DictConfig, datamodule: StockDataModule,
-        extra_loggers: tuple = ()) -> tuple[LSTMForecaster, str]:
+        extra_loggers: tuple = ()) -> tuple[LSTMForecaster | None, str]:
     """Train cfg.model on the datamodule's train split with early stopping on its val split;
     return the val-best checkpoint's model and that checkpoint's path (under cfg.paths.output_dir).
     With model.calibrate, a quantile model is then calibrated on the val split (conformal);
-    `forecaster.calibration` says how, or is None."""
+    `forecaster.calibration` says how, or is None. Under DDP (trainer=ddp) every process trains
+    its share of the windows; only global rank 0 gets the model, the others None."""
+    distributed = world_size(cfg.trainer) > 1
+    if distributed and not launched_externally():
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():  # Lightning would start the other processes as sys.argv again
+            raise RunError("trainer: DDP runs from train.py (Lightning starts the other processes by "
+                           "running its command again) or under torchrun/srun")
     L.seed_everything(cfg.seed, workers=True)  # after the data (which draws no random numbers)
     forecaster = build(cfg, "model")
     callbacks = [build(cfg, f"callbacks.{key}") for key in cfg.get("callbacks") or {}]
+    if distributed:
+        callbacks.append(SameData(datamodule.splits["train"]))
     loggers = [build(cfg, f"logger.{key}") for key in cfg.get("logger") or {}] + list(extra_loggers) or False
     # a progress bar redraws in place on a terminal; piped, every redraw stays (~70 KB per run)
     bar = cfg.trainer.get("enable_progress_bar")
@@ -176,6 +202,11 @@ def fit(cfg: DictConfig, datamodule: StockDataModule,
         how = "fast_dev_run, " if trainer.fast_dev_run else "interrupted, " if trainer.interrupted else ""
         raise NoCheckpoint(f"the run saved no checkpoint ({how}epochs: {trainer.current_epoch}, "
                            f"steps: {trainer.global_step})")
+    if trainer.is_global_zero != is_global_zero():  # train() decided who publishes before this fit
+        raise RunError(f"trainer: Lightning made this process global rank {trainer.global_rank}, the "
+                       "environment (RANK, SLURM_PROCID, NODE_RANK, LOCAL_RANK) another")
+    if not trainer.is_global_zero:
+        return None, best  # rank 0 saved the checkpoint; it alone evaluates and exports
     # the val-best epoch, not the last one, is what gets evaluated and exported
     forecaster = type(forecaster).load_from_checkpoint(best, map_location="cpu")
     forecaster.calibration = None
@@ -275,10 +306,22 @@ def export(cfg: DictConfig, name: str, report: StockDataModule, served: StockDat
     return folder
 
 
+def fit_share(cfg: DictConfig, datamodule: StockDataModule, final_cfg: DictConfig | None,
+              served: StockDataModule) -> dict:
+    """A DDP process other than global rank 0: train its share of the report's fit and of the
+    refit, then stop; rank 0 alone evaluates, exports, registers and gates. Return {}."""
+    fit(cfg, datamodule)
+    if final_cfg is not None:
+        served.setup()
+        fit(final_cfg, served)
+    return {}
+
+
 def train(cfg: DictConfig) -> dict:
     """Run one experiment: fit and evaluate on the classic split (the report), refit on all data
     (the served model), export, register a version, and promote it if the gate passes; return
-    {"test": metrics.json record, "val": the same on val, "version", "gate"}."""
+    {"test": metrics.json record, "val": the same on val, "version", "gate"}, or {} on a DDP
+    process other than global rank 0 (both fits are distributed, the rest happens once)."""
     name = run_name(cfg)
     for key in ("alpha", "min_forecasts", "min_folds", "max_age_days"):  # before any fitting
         if not isinstance(cfg.gate.get(key), (int, float)) or isinstance(cfg.gate.get(key), bool):
@@ -291,6 +334,17 @@ def train(cfg: DictConfig) -> dict:
         datamodule.path = served.path
     datamodule.prepare_data()
     datamodule.setup()
+    if world_size(cfg.trainer) > 1:
+        if not is_global_zero():
+            return fit_share(cfg, datamodule, final_cfg, served)
+        if cfg.gate.get("backtest", "auto") == "auto" and not cfg.gate.get("force"):
+            # the walk-forward cannot train a DDP config (its folds are one process each: backtest
+            # refuses it), so there is none to run; one of this exact config would still count
+            log.warning("trainer: DDP; the gate judges on an existing walk-forward of this config only "
+                        "(gate.backtest=never), else refuses: gate.force='<reason>' to promote")
+            cfg = cfg.copy()
+            with open_dict(cfg):
+                cfg.gate.backtest = "never"
     run = Run(cfg, name, "train")
     ok = False
     try:
