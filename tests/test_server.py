@@ -62,10 +62,26 @@ def test_bad_input_gets_a_json_400_naming_the_problem(server, body, content_type
     assert post(server, json.dumps(ORIGINAL))[0] == 200
 
 
+def test_a_thousand_histories_in_one_call_over_http(server, artifacts):
+    """{"instances": [...]} on the plain endpoint: one forecast object (or error object) per
+    instance, in order, and a JSON 400 beyond max_instances."""
+    histories = closes(batch=1000, seed=11)
+    instances = [{"history": h.tolist()} for h in histories]
+    instances[500] = {"history": [1.0, 2.0]}
+    status, body = post(server, json.dumps({"instances": instances}))
+    assert status == 200 and len(body["predictions"]) == 1000
+    assert body["predictions"][500]["reason"] == "too_short"
+    good = [p["forecast"] for k, p in enumerate(body["predictions"]) if k != 500]
+    expected = forecast_from_export(artifacts, np.delete(histories, 500, axis=0))
+    np.testing.assert_allclose(good, expected, rtol=1e-5)
+    status, body = post(server, json.dumps({"instances": [instances[0]] * 1001}))
+    assert (status, body["reason"]) == (400, "too_many_instances") and "1000" in body["message"]
+
+
 def test_an_oversized_body_is_refused_with_413(server):
     import socket
 
-    size = len(json.dumps({"history": [30.123456789] * 20000}))  # ~280 KB > 64 KB max_request_size
+    size = 2 * 1024 * 1024 + 1  # one byte over max_request_size
     host, port = server.inference.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as conn:
         # headers only: TorchServe refuses on Content-Length alone and closes the connection; a
