@@ -67,7 +67,7 @@ $(ART)/meta.json:
 
 # stockcast.package rebuilds lstm.mar only when its content differs from artifacts + handler
 package: install $(ART)/meta.json
-	$(BIN)/python -m stockcast.package $(ART) model_store --profile $(PROFILE)
+	$(BIN)/python -m stockcast.package $(ART) model_store --profile $(PROFILE) --all
 
 # start|stop|status exit codes (python -m stockcast.serve --help): 0 done (stop: also when nothing
 # ran, with a message), 1 failed, 3 not running (status), 4 running but no worker READY or the key

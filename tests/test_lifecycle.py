@@ -8,6 +8,7 @@ import json
 import shlex
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -18,7 +19,7 @@ import pytest
 from conftest import ROOT
 from helpers import ORIGINAL, post, url
 
-from stockcast.package import build_archive
+from stockcast.package import OTHER_TICKERS, build_archive
 from stockcast.prices import load_prices
 from stockcast.serve import busy, free_ports, get, start, stop
 
@@ -72,17 +73,23 @@ def broken_archive(mar: Path, store: Path) -> Path:
     return store
 
 
+def as_ticker(artifacts: Path, folder: Path, ticker: str, version: str | None = None) -> Path:
+    """A copy of `artifacts` whose meta.json says it serves `ticker` (the petr4 model with that
+    ticker's data file), as training that ticker would have exported it."""
+    folder.mkdir(parents=True)
+    for f in artifacts.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    meta = json.loads((folder / "meta.json").read_text())
+    meta.update(name=folder.name, ticker=ticker, version=version or meta["version"])
+    meta["data"]["file"] = str(ROOT / "data" / f"{ticker}.csv")
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
 @pytest.fixture
 def vale3_store(artifacts, tmp_path) -> Path:
     """An archive that says it serves VALE3.SA (the petr4 model with VALE3's meta.json fields)."""
-    own = tmp_path / "vale3"
-    own.mkdir()
-    for f in artifacts.iterdir():
-        (own / f.name).write_bytes(f.read_bytes())
-    meta = json.loads((own / "meta.json").read_text())
-    meta.update(name="vale3", ticker="VALE3.SA")
-    meta["data"]["file"] = str(ROOT / "data" / "VALE3.SA.csv")
-    (own / "meta.json").write_text(json.dumps(meta))
+    own = as_ticker(artifacts, tmp_path / "vale3", "VALE3.SA")
     return build_archive(own, tmp_path / "store-vale3", handlers=ROOT / "handlers").parent
 
 
@@ -119,7 +126,7 @@ def test_status_and_the_healthcheck_fail_when_no_worker_can_answer(tokened):
         # TorchServe's /ping cannot tell: Healthy with no worker at all
         assert get(f"{tokened.inference}/ping", tokened.headers()) == (200, '{\n  "status": "Healthy"\n}\n')
         status = serve("status", "--home", home)
-        assert status.returncode == 4 and "no worker is READY" in status.stderr
+        assert status.returncode == 4 and "no worker of lstm is READY" in status.stderr
         assert healthcheck(tokened).returncode == 1
     finally:
         request("PUT", scale + "2&max_worker=2", tokened.headers("management"))
@@ -285,3 +292,94 @@ def test_a_server_whose_record_is_gone_is_still_found(tokened):
         assert status.returncode == 0 and f"pid {tokened.pid}" in status.stdout, status.stderr
     finally:
         record.write_text(saved)
+
+
+def answering(address: str, key: str | None, seconds: float) -> tuple[list, threading.Thread]:
+    """A client forecasting in a loop on `address` for `seconds`: the statuses it got, and its thread."""
+    statuses: list = []
+
+    def loop():
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            statuses.append(post(address, json.dumps(ORIGINAL), headers=headers)[0])
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    return statuses, thread
+
+
+@pytest.mark.slow
+def test_every_archive_is_served_under_its_name_and_a_new_one_joins_without_a_restart(
+        mar, artifacts, tmp_path):
+    store, home, ports = tmp_path / "store", tmp_path / "home", [str(p) for p in free_ports()]
+    args = ["--model-store", str(store), "--home", str(home), "--ports", *ports]
+    store.mkdir()
+    (store / "lstm.mar").write_bytes(mar.read_bytes())
+    for name, ticker in (("vale3", "VALE3.SA"), ("itub4", "ITUB4.SA")):
+        build_archive(as_ticker(artifacts, tmp_path / "a" / name, ticker), store,
+                      handlers=ROOT / "handlers", overrides=OTHER_TICKERS, name=name)
+    itub4 = (store / "itub4.mar").rename(tmp_path / "itub4.mar")  # added later
+    (store / "notes.txt").write_text("not an archive")
+    try:
+        first = serve("start", *args)
+        assert first.returncode == 0, first.stderr
+        assert "TorchServe is serving lstm, vale3 (pid" in first.stdout
+        pid = json.loads((home / "server.json").read_text())["pid"]
+        key = (home / "key_file.json").exists() and json.loads((home / "key_file.json").read_text())
+        inference = f"http://127.0.0.1:{ports[0]}/predictions"
+        auth = {"Authorization": f"Bearer {key['inference']['key']}"}
+        for name, ticker in (("lstm", "PETR4.SA"), ("vale3", "VALE3.SA")):
+            status, body = post(f"{inference}/{name}", json.dumps(ORIGINAL), headers=auth)
+            assert status == 200 and body["model"]["ticker"] == ticker and body["model"]["name"] == name
+        status = serve("status", "--home", str(home))
+        assert status.returncode == 0
+        lines = [line.split() for line in status.stdout.splitlines() if line.startswith("  ")]
+        assert [(w[0], w[1], w[5]) for w in lines] == [("lstm", "PETR4.SA", "2/2"), ("vale3", "VALE3.SA", "1/1")]
+
+        # a new ticker: registered in place while a client keeps forecasting, nothing dropped
+        (store / "itub4.mar").write_bytes(itub4.read_bytes())
+        statuses, client = answering(f"{inference}/lstm", key["inference"]["key"], 8)
+        added = serve("start", *args)
+        client.join()
+        assert added.returncode == 0, added.stderr
+        assert "added itub4 (ITUB4.SA, version" in added.stdout and "without a restart" in added.stdout
+        assert json.loads((home / "server.json").read_text())["pid"] == pid
+        assert len(statuses) > 20 and set(statuses) == {200}, statuses
+        status, body = post(f"{inference}/itub4", json.dumps(ORIGINAL), headers=auth)
+        assert status == 200 and body["model"]["ticker"] == "ITUB4.SA"
+        assert serve("status", "--home", str(home)).stdout.count("READY") == 3
+        print(f"{len(statuses)} forecasts during the registration, all 200")
+
+        # nothing changed: nothing done; a model gone from the store: a restart that says so
+        assert "already serving these archives" in serve("start", *args).stdout
+        (store / "vale3.mar").unlink()
+        again = serve("start", *args)
+        assert again.returncode == 0 and "vale3.mar is gone from" in again.stdout
+        assert "TorchServe is serving lstm, itub4 (pid" in again.stdout
+        # the copies of archives no longer served are pruned
+        assert sorted(f.name.split("-")[0] for f in (home / "store").glob("*.mar")) == ["itub4", "lstm"]
+    finally:
+        serve("stop", "--home", str(home))
+
+
+@pytest.mark.slow
+def test_without_token_auth_the_management_api_cannot_register_and_an_addition_restarts(
+        mar, artifacts, tmp_path):
+    store, home, ports = tmp_path / "store", tmp_path / "home", [str(p) for p in free_ports()]
+    args = ["--model-store", str(store), "--home", str(home), "--ports", *ports, "--no-token-auth"]
+    store.mkdir()
+    (store / "lstm.mar").write_bytes(mar.read_bytes())
+    try:
+        assert serve("start", *args).returncode == 0
+        management = f"http://127.0.0.1:{ports[1]}"
+        # what a local process without a key would try: TorchServe's model API is off
+        assert request("POST", f"{management}/models?url=lstm.mar&model_name=x") in (400, 404, 405)
+        assert request("DELETE", f"{management}/models/lstm") in (400, 404, 405)
+        build_archive(as_ticker(artifacts, tmp_path / "a" / "vale3", "VALE3.SA"), store,
+                      handlers=ROOT / "handlers", overrides=OTHER_TICKERS, name="vale3")
+        added = serve("start", *args)
+        assert added.returncode == 0 and "vale3 added (token auth off" in added.stdout
+        assert "TorchServe is serving lstm, vale3" in added.stdout
+    finally:
+        serve("stop", "--home", str(home))

@@ -122,3 +122,28 @@ def test_an_export_from_before_the_registry_is_not_archived(artifacts, tmp_path)
     with pytest.raises(ValueError, match="is not a registered version"):
         build_archive(old, tmp_path / "store", handlers=ROOT / "handlers")
     assert not (tmp_path / "store" / "lstm.mar").exists()
+
+
+def test_all_archives_every_other_registered_experiment_under_its_name_with_one_worker(artifacts, tmp_path):
+    import yaml
+
+    root = tmp_path / "artifacts"
+    for name in ("petr4", "vale3", "itub4"):
+        shutil.copytree(artifacts, root / name)
+    unregistered = json.loads((root / "itub4" / "meta.json").read_text())
+    del unregistered["version"]  # exported before the registry: never passed the gate
+    (root / "itub4" / "meta.json").write_text(json.dumps(unregistered))
+    (root / "backtest").mkdir()  # backtest results live beside the experiments
+    store = tmp_path / "store"
+    done = subprocess.run([sys.executable, "-m", "stockcast.package", str(root / "petr4"), str(store),
+                           "--all"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in store.glob("*.mar")) == ["lstm.mar", "vale3.mar"]
+    assert "served at /predictions/vale3" in done.stdout
+    with zipfile.ZipFile(store / "vale3.mar") as z:
+        assert json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["modelName"] == "vale3"
+        config = yaml.safe_load(z.read("model-config.yaml"))
+    with zipfile.ZipFile(store / "lstm.mar") as z:
+        default = yaml.safe_load(z.read("model-config.yaml"))
+    assert (config["minWorkers"], config["maxWorkers"]) == (1, 1)
+    assert default["minWorkers"] == 2 and config["handler"] == default["handler"]

@@ -1,7 +1,9 @@
 """Archive exported artifacts for TorchServe: python -m stockcast.package artifacts/petr4 model_store
 
---kserve DIR also writes the folder KServe's TorchServe runtime serves from a storageUri
-(DIR/config/config.properties, metrics.yaml, log4j2.xml and DIR/model-store/lstm.mar).
+The archive is model_store/lstm.mar, the default model. --all also archives every other trained
+experiment beside it (artifacts/vale3 -> model_store/vale3.mar, served at /predictions/vale3), with
+one worker each. --kserve DIR also writes the folder KServe's TorchServe runtime serves from a
+storageUri (DIR/config/config.properties, metrics.yaml, log4j2.xml and DIR/model-store/lstm.mar).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ PROFILES: dict[str, dict] = {
     "throughput": {},  # batches of up to 8 with a 1 ms wait: best at concurrency 16 and up
     "latency": {"batchSize": 1},  # no batching wait: best for one client at a time
 }
+# every ticker beside the default one: one worker, since each TorchServe worker imports torch
+# (~155 MB of private memory: 20 tickers in ~3.5 GB with the frontend)
+OTHER_TICKERS = {"minWorkers": 1, "maxWorkers": 1}
 
 
 def archiver() -> str:
@@ -104,16 +109,16 @@ def up_to_date(mar: Path, entries: dict[str, bytes]) -> bool:
 
 def build_archive(artifacts: Path, export_path: Path, handlers: Path = Path("handlers"),
                   version: str | None = None, model_format: str = "onnx",
-                  overrides: dict | None = None) -> Path:
+                  overrides: dict | None = None, name: str = MODEL_NAME) -> Path:
     """The model (ONNX by default: fastest here), scaler.json, meta.json, the handler and its
-    model-config.yaml -> export_path/lstm.mar, rebuilt only when an entry would change. The
+    model-config.yaml -> export_path/`name`.mar, rebuilt only when an entry would change. The
     version TorchServe reports (and labels metrics with) is the registry's, from meta.json."""
     entries = contents(Path(artifacts), Path(handlers), model_format, overrides or {})
     version = version or json.loads(entries["meta.json"]).get("version")
     if not version:  # exported before the registry: it never passed the gate
         raise ValueError(f"{artifacts} is not a registered version (its meta.json has no \"version\"): "
                          "train again (make train), or give --version to archive it anyway")
-    mar = Path(export_path) / f"{MODEL_NAME}.mar"
+    mar = Path(export_path) / f"{name}.mar"
     if up_to_date(mar, entries):
         return mar
     mar.parent.mkdir(parents=True, exist_ok=True)
@@ -123,11 +128,11 @@ def build_archive(artifacts: Path, export_path: Path, handlers: Path = Path("han
         staged, out = Path(tmp) / "entries", Path(tmp) / "out"
         staged.mkdir()
         out.mkdir()
-        for name, data in entries.items():  # the archiver takes files: stage exactly the entries
-            (staged / name).write_bytes(data)
+        for entry, data in entries.items():  # the archiver takes files: stage exactly the entries
+            (staged / entry).write_bytes(data)
         extra = ",".join(str(staged / n) for n in ("scaler.json", "meta.json", ARCHIVED_AS))
         done = subprocess.run([
-            archiver(), "--model-name", MODEL_NAME, "--version", version,
+            archiver(), "--model-name", name, "--version", version,
             "--serialized-file", str(staged / FORMATS[model_format]),
             "--handler", str(staged / "forecast_handler.py"), "--extra-files", extra,
             "--config-file", str(staged / "model-config.yaml"), "--export-path", str(out),
@@ -228,6 +233,26 @@ def kserve_folder(mar: Path, folder: Path, handlers: Path = Path("handlers"),
     return folder
 
 
+def trained(root: Path) -> list[Path]:
+    """The experiments under `root` that hold a registered version (artifacts/<name>/meta.json)."""
+    found = []
+    for meta in sorted(Path(root).glob("*/meta.json")):
+        try:
+            if json.loads(meta.read_text()).get("version"):
+                found.append(meta.parent)
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def build_others(artifacts: Path, export_path: Path, overrides: dict, model_format: str = "onnx",
+                 handlers: Path = Path("handlers")) -> list[Path]:
+    """Every trained experiment beside `artifacts` -> export_path/<name>.mar, one worker each."""
+    others = [a for a in trained(Path(artifacts).parent) if a.resolve() != Path(artifacts).resolve()]
+    return [build_archive(a, export_path, handlers=handlers, model_format=model_format,
+                          overrides={**overrides, **OTHER_TICKERS}, name=a.name) for a in others]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m stockcast.package", description=__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -241,6 +266,9 @@ def main() -> None:
                         help="which exported model to serve")
     parser.add_argument("--profile", choices=list(PROFILES), default="throughput",
                         help="serving profile: overrides of handlers/model-config.yaml")
+    parser.add_argument("--all", action="store_true",
+                        help="also archive every other trained experiment beside ARTIFACTS as "
+                        "EXPORT_PATH/<name>.mar (served at /predictions/<name>)")
     parser.add_argument("--kserve", type=Path, metavar="DIR",
                         help="also write DIR/config/config.properties and DIR/model-store/lstm.mar "
                         "for KServe's TorchServe runtime (deploy/kserve/)")
@@ -251,12 +279,15 @@ def main() -> None:
         fresh = up_to_date(mar, contents(args.artifacts, Path("handlers"), args.format, overrides))
         build_archive(args.artifacts, args.export_path, version=args.version,
                       model_format=args.format, overrides=overrides)
+        others = build_others(args.artifacts, args.export_path, overrides, args.format) if args.all else []
         if args.kserve:
             kserve_folder(mar, args.kserve, overrides=overrides)
     except (OSError, ValueError, RuntimeError, KeyError, zipfile.BadZipFile) as err:
         sys.exit(f"error: {err}")
     print(f"{mar}: {'up to date with' if fresh else 'built from'} {args.artifacts} "
           f"({args.format}, {args.profile} profile)")
+    for other in others:
+        print(f"{other}: from {args.artifacts.parent / other.stem} (served at /predictions/{other.stem})")
     if args.kserve:
         print(f"{args.kserve}: config/config.properties and model-store/{mar.name} for KServe")
 

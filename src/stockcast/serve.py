@@ -1,12 +1,16 @@
-"""Start, check and stop TorchServe with the lstm archive: python -m stockcast.serve start|stop|status|token
+"""Start, check and stop TorchServe: python -m stockcast.serve start|stop|status|token
 
-Each server lives in its own folder (config, logs, pid file, token file, a private copy of the
-archive), runs in its own process group, and is stopped through that group: exactly what was
-started, nothing else. One command at a time per folder (a lock in it).
+It serves every archive in model_store under its file name: lstm.mar (the default ticker) at
+/predictions/lstm, vale3.mar at /predictions/vale3. An archive added to model_store joins a running
+server without a restart (registered through the management API, behind its key); a changed or
+removed one restarts it. Each server lives in its own folder (config, logs, pid file, token file,
+private copies of the archives), runs in its own process group, and is stopped through that group:
+exactly what was started, nothing else. One command at a time per folder (a lock in it).
 
 Exit codes: 0 done (start: serving; stop: nothing runs any more, also when nothing ran; status:
-serving and a worker READY); 1 failed (an error, or stop could not end the server); 3 not running
-(status, token); 4 running but no worker can answer, or the key was refused (status).
+serving and a worker of every model READY); 1 failed (an error, or stop could not end the server);
+3 not running (status, token); 4 running but a model has no worker that can answer, or the key was
+refused (status).
 """
 
 from __future__ import annotations
@@ -24,14 +28,18 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from stockcast.package import MODEL_NAME
+import yaml
+
+from stockcast.package import MODEL_NAME, SNAPSHOT_KEYS
 from stockcast.verify import check_archive, example_request
 
 # HTTP inference, management, metrics; then gRPC inference, management (TorchServe always opens
@@ -47,6 +55,7 @@ class Server:
     ports: tuple[int, ...] = PORTS
     host: str = "127.0.0.1"
     started: int = 0  # the launcher's start time (/proc/<pid>/stat): a reused pid has another
+    models: tuple[str, ...] = (MODEL_NAME,)  # the names it serves, the default first
 
     @property
     def inference(self) -> str:
@@ -83,24 +92,50 @@ def free_ports(n: int = len(PORTS)) -> tuple[int, ...]:
     return ports
 
 
-def archive_digest(model_store: Path, data: bytes | None = None) -> str:
-    """sha256 of what `model_store`/lstm.mar (or its bytes `data`) holds, not of the zip: the
+def archive_digest(model_store: Path, data: bytes | None = None, name: str = MODEL_NAME) -> str:
+    """sha256 of what `model_store`/`name`.mar (or its bytes `data`) holds, not of the zip: the
     archiver stamps MANIFEST.json with the build time, so rebuilding the same artifacts changes
     the bytes, and a restart for that would drop requests for nothing."""
-    mar = Path(model_store) / f"{MODEL_NAME}.mar"
+    mar = Path(model_store) / f"{name}.mar"
     digest = hashlib.sha256()
     try:
         with zipfile.ZipFile(io.BytesIO(mar.read_bytes() if data is None else data)) as z:
-            for name in sorted(z.namelist()):
-                entry = z.read(name)
-                if name == "MAR-INF/MANIFEST.json":
+            for entry_name in sorted(z.namelist()):
+                entry = z.read(entry_name)
+                if entry_name == "MAR-INF/MANIFEST.json":
                     manifest = json.loads(entry)
                     manifest.pop("createdOn", None)
                     entry = json.dumps(manifest, sort_keys=True).encode()
-                digest.update(name.encode() + b"\0" + hashlib.sha256(entry).digest())
+                digest.update(entry_name.encode() + b"\0" + hashlib.sha256(entry).digest())
     except (zipfile.BadZipFile, ValueError, KeyError) as err:
         raise RuntimeError(f"{mar} is not a readable archive ({err})") from None
     return digest.hexdigest()
+
+
+# what TorchServe accepts as a model name (ModelManager); other *.mar files are not served
+MODEL_NAMES = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def served_archives(model_store: Path) -> dict[str, bytes]:
+    """Model name -> archive bytes, for every *.mar in `model_store`: lstm first, then by name.
+    Read once, so what is checked and recorded is what is served."""
+    paths = sorted(Path(model_store).glob("*.mar"), key=lambda p: (p.stem != MODEL_NAME, p.stem))
+    return {p.stem: p.read_bytes() for p in paths if p.is_file() and MODEL_NAMES.fullmatch(p.stem)}
+
+
+def describe(name: str, data: bytes) -> dict:
+    """What the server record keeps of one archive: its digest, ticker, version, window, horizon
+    and the batching and workers its model-config.yaml asks for (TorchServe's snapshot keys)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]
+            meta = json.loads(z.read("meta.json"))
+            config = yaml.safe_load(z.read(manifest.get("configFile") or "model-config.yaml")) or {}
+    except (zipfile.BadZipFile, ValueError, KeyError, yaml.YAMLError) as err:
+        raise RuntimeError(f"{name}.mar is not a readable archive ({err})") from None
+    return {"sha256": archive_digest(Path(), data, name), "ticker": meta.get("ticker", "?"),
+            "version": manifest.get("modelVersion", "?"), "window": meta.get("window"),
+            "horizon": meta.get("horizon"), "config": {k: config[k] for k in SNAPSHOT_KEYS if k in config}}
 
 
 @contextlib.contextmanager
@@ -184,32 +219,34 @@ def get(url: str, headers: dict[str, str] | None = None, timeout: float = 2) -> 
         return err.code, err.read().decode(errors="replace")
 
 
-def health(server: Server) -> str | None:
-    """None if a worker of the model is READY, else why not. /ping cannot tell: it says Healthy
-    with the workers scaled to 0, so this asks the management API's describe."""
+def workers(server: Server, name: str) -> tuple[list[str], str] | str:
+    """(worker states, version) of model `name`, or why the management API could not say."""
     try:
-        code, body = get(f"{server.management}/models/{MODEL_NAME}", server.headers("management"))
+        code, body = get(f"{server.management}/models/{name}", server.headers("management"))
     except OSError as err:
         return f"no answer on {server.management} ({err})"
     if code == 400 and "Token" in body:
         return "TorchServe refused the management key (expired?): restart it (make stop && make serve)"
     if code != 200:
-        return f"describe answered {code}"
-    states = [w.get("status") for w in json.loads(body)[0]["workers"]]
-    return None if "READY" in states else f"no worker is READY (workers: {states or 'none'})"
+        return f"describing {name} answered {code}"
+    model = json.loads(body)[0]
+    return [w.get("status") for w in model["workers"]], model.get("modelVersion", "?")
 
 
-def served_version(server: Server) -> str:
-    """The model version the server reports: the registry's version of the served model."""
-    try:
-        code, body = get(f"{server.management}/models/{MODEL_NAME}", server.headers("management"))
-        return json.loads(body)[0]["modelVersion"] if code == 200 else "?"
-    except (OSError, ValueError, LookupError):
-        return "?"
+def health(server: Server) -> str | None:
+    """None if every served model has a READY worker, else why not. /ping cannot tell: it says
+    Healthy with the workers scaled to 0, so this asks the management API's describe."""
+    for name in server.models:
+        found = workers(server, name)
+        if isinstance(found, str):
+            return found
+        if "READY" not in found[0]:
+            return f"no worker of {name} is READY (workers: {found[0] or 'none'})"
+    return None
 
 
 def ready(server: Server) -> bool:
-    """True once a worker of the model is READY (the /ping answer comes before the model loads)."""
+    """True once every model has a READY worker (the /ping answer comes before the models load)."""
     return health(server) is None
 
 
@@ -242,16 +279,25 @@ def busy(ports) -> list[int]:
     return busy_ports
 
 
-def snapshot(model_store: Path, home: Path) -> Path:
-    """A private copy of `model_store`/lstm.mar in `home`, named by its content digest: what was
-    checked is what is served and recorded, whatever a concurrent `make package` writes meanwhile."""
-    data = (Path(model_store) / f"{MODEL_NAME}.mar").read_bytes()
-    folder = Path(home).resolve() / f"store-{archive_digest(model_store, data)[:16]}"
-    if not (folder / f"{MODEL_NAME}.mar").exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "partial").write_bytes(data)
-        os.replace(folder / "partial", folder / f"{MODEL_NAME}.mar")
-    return folder
+def stage(home: Path, name: str, data: bytes, digest: str) -> str:
+    """A private copy of an archive in `home`/store, named by its content digest: what was checked
+    is what is served and recorded, whatever a concurrent `make package` writes meanwhile."""
+    store = Path(home).resolve() / "store"
+    store.mkdir(parents=True, exist_ok=True)
+    file = f"{name}-{digest[:16]}.mar"
+    if not (store / file).exists():
+        (store / "partial").write_bytes(data)
+        os.replace(store / "partial", store / file)
+    return file
+
+
+def model_snapshot(models: dict[str, dict]) -> str:
+    """config.properties' model_snapshot: each model at its archive's workers and batching.
+    Unlike load_models it honours maxBatchDelay 0 (load_models reads 0 as the default, 100 ms)."""
+    entries = {name: {m["version"]: {"defaultVersion": True, "marName": m["file"], **m["config"]}}
+               for name, m in models.items()}
+    return json.dumps({"name": "startup.cfg", "modelCount": len(entries), "models": entries},
+                      separators=(",", ":"))
 
 
 def java_home() -> str | None:
@@ -274,10 +320,11 @@ def need_java() -> None:
 
 def start(model_store: Path, home: Path, handlers: Path = Path("handlers"), ports=PORTS,
           token_auth: bool = True, quiet_logs: bool = True, timeout: float = 120,
-          settings: dict[str, str] | None = None) -> Server:
-    """Start TorchServe in the background with `model_store`/lstm.mar; return once it can predict,
-    or raise RuntimeError with the cause as soon as a worker fails to load the model. `settings`
-    override config.properties keys (addresses, paths and token auth excepted)."""
+          settings: dict[str, str] | None = None, archives: dict[str, bytes] | None = None) -> Server:
+    """Start TorchServe in the background with every archive in `model_store` (or `archives`, name
+    -> bytes, as read and checked before); return once each can predict, or raise RuntimeError with
+    the cause as soon as a worker fails to load its model. `settings` override config.properties
+    keys (addresses, paths and token auth excepted)."""
     need_java()
     taken = busy(ports)
     if taken:
@@ -286,10 +333,16 @@ def start(model_store: Path, home: Path, handlers: Path = Path("handlers"), port
     home, handlers = Path(home).resolve(), Path(handlers).resolve()
     (home / "logs").mkdir(parents=True, exist_ok=True)
     (home / "key_file.json").unlink(missing_ok=True)  # a stale key would print a wrong curl
-    store = snapshot(model_store, home)
-    # the example request printed with the curl: the served ticker's own closes (checking the
+    archives = archives or served_archives(model_store)
+    if not archives:
+        raise RuntimeError(f"no archive in {model_store}: run make package first")
+    models = {}
+    for name, data in archives.items():
+        models[name] = describe(name, data)
+        models[name]["file"] = stage(home, name, data, models[name]["sha256"])
+    # the example request printed with the curl: the default model's own closes (checking the
     # archive is check_archive's job: here a bad one fails in the worker, with its log line)
-    with zipfile.ZipFile(store / f"{MODEL_NAME}.mar") as z:
+    with zipfile.ZipFile(io.BytesIO(next(iter(archives.values())))) as z:
         meta = json.loads(z.read("meta.json"))
     (home / "example_request.json").write_text(json.dumps(example_request(meta)) + "\n")
     settings = {
@@ -299,9 +352,14 @@ def start(model_store: Path, home: Path, handlers: Path = Path("handlers"), port
         "metrics_address": f"http://127.0.0.1:{ports[2]}",
         "grpc_inference_port": str(ports[3]),
         "grpc_management_port": str(ports[4]),
-        "model_store": str(store),
+        "model_store": str(home / "store"),
+        "load_models": "",
+        "model_snapshot": model_snapshot(models),
         "metrics_config": str(handlers / "metrics.yaml"),
         "disable_token_authorization": str(not token_auth).lower(),
+        # registering an archive (a new ticker) without a restart: only behind the management key,
+        # and only files already in this server's store (allowed_urls admits no URL)
+        "enable_model_api": str(token_auth).lower(),
     }
     config = home / "config.properties"
     config.write_text(render_config(handlers / "config.properties", settings))
@@ -324,12 +382,10 @@ def start(model_store: Path, home: Path, handlers: Path = Path("handlers"), port
             cwd=home, env=env, stdout=console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: stop() ends Java and workers together
         )
-    server = Server(home, proc.pid, tuple(ports), started=started_at(proc.pid) or 0)
-    # what `running` reads back: which process is ours, the ports, the settings, the archive
-    (home / "server.json.partial").write_text(json.dumps({
-        "pid": proc.pid, "started": server.started, "boot_id": boot_id(), "ports": list(ports),
-        "token_auth": token_auth, "archive_sha256": archive_digest(store)}))
-    os.replace(home / "server.json.partial", home / "server.json")  # never read half-written
+    server = Server(home, proc.pid, tuple(ports), started=started_at(proc.pid) or 0, models=tuple(models))
+    # what `running` reads back: which process is ours, the ports, the settings, the archives
+    write_record({"pid": proc.pid, "started": server.started, "boot_id": boot_id(),
+                  "ports": list(ports), "token_auth": token_auth, "models": models}, home)
 
     def failure() -> str | None:  # this start's lines of the console log: a worker's load failure
         with open(console_log, "rb") as log:
@@ -353,10 +409,24 @@ def start(model_store: Path, home: Path, handlers: Path = Path("handlers"), port
         if not stop(server, timeout=0) and proc.poll() is None:  # our child, caught before its exec
             os.killpg(proc.pid, signal.SIGKILL)
         raise
-    for old in home.glob("store-*"):  # copies of archives no server uses any more
-        if old != store:
-            shutil.rmtree(old, ignore_errors=True)
+    prune(home, models)
     return server
+
+
+def write_record(data: dict, home: Path) -> None:
+    """server.json, replaced whole: a reader never sees it half-written."""
+    (Path(home) / "server.json.partial").write_text(json.dumps(data))
+    os.replace(Path(home) / "server.json.partial", Path(home) / "server.json")
+
+
+def prune(home: Path, models: dict[str, dict]) -> None:
+    """Remove the copies of archives no model of `models` is served from (and older store-* folders)."""
+    keep = {m["file"] for m in models.values()}
+    for old in (Path(home) / "store").glob("*.mar"):
+        if old.name not in keep:
+            old.unlink(missing_ok=True)
+    for old in Path(home).glob("store-*"):
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def stop(server: Server, timeout: float = 30) -> bool:
@@ -398,9 +468,13 @@ def recover(home: Path) -> dict:
             ports = [int(props[k].rsplit(":", 1)[1]) for k in
                      ("inference_address", "management_address", "metrics_address")]
             ports += [int(props[k]) for k in ("grpc_inference_port", "grpc_management_port")]
+            models = {}  # what the store holds: the copies of the archives served
+            for file in sorted(Path(props["model_store"]).glob("*.mar")):
+                name = file.name.rsplit("-", 1)[0]
+                models[name] = {**describe(name, file.read_bytes()), "file": file.name}
             return {"pid": pid, "started": started_at(pid), "boot_id": boot_id(), "ports": ports,
                     "token_auth": props.get("disable_token_authorization") != "true",
-                    "archive_sha256": archive_digest(props["model_store"])}
+                    "models": dict(sorted(models.items(), key=lambda m: m[0] != MODEL_NAME))}
         except (OSError, KeyError, ValueError, IndexError, RuntimeError):
             continue
     return {}
@@ -414,11 +488,25 @@ def running(home: Path) -> tuple[Server | None, dict]:
         record = recover(home)
     try:
         server = Server(Path(home).resolve(), int(record["pid"]), tuple(record["ports"]),
-                        started=int(record.get("started", -1)))
+                        started=int(record.get("started", -1)),
+                        models=tuple(record.get("models") or (MODEL_NAME,)))
     except (ValueError, KeyError, TypeError):
         return None, {}
     same_boot = record.get("boot_id") == boot_id()
     return (server if same_boot and alive(server.pid) and ours(server) else None), record
+
+
+def listing(server: Server, models: dict[str, dict]) -> list[str]:
+    """One line per served model: name, ticker, the version and workers TorchServe reports, URL."""
+    lines = []
+    for name in server.models:
+        found = workers(server, name)
+        states, version = found if not isinstance(found, str) else ([], "?")
+        ticker = models.get(name, {}).get("ticker", "?")
+        default = "  (the default)" if name == MODEL_NAME else ""
+        lines.append(f"  {name:<8} {ticker:<10} version {version:<4} workers {states.count('READY')}/"
+                     f"{len(states)} READY  {server.inference}/predictions/{name}{default}")
+    return lines
 
 
 def example_curl(server: Server, request_file: str | None = None) -> str:
@@ -432,42 +520,89 @@ def example_curl(server: Server, request_file: str | None = None) -> str:
             f"-H 'Content-Type: application/json'{auth} -d @{request_file}")
 
 
+def register(server: Server, name: str, model: dict) -> None:
+    """Add model `name` (its archive already in the server's store) to a running server through
+    the management API, with the workers and batching its archive asks for; RuntimeError if
+    TorchServe refuses."""
+    config = model["config"]
+    query = {"url": model["file"], "model_name": name, "synchronous": "true",
+             "initial_workers": config.get("minWorkers", 1), "batch_size": config.get("batchSize", 1),
+             "max_batch_delay": config.get("maxBatchDelay", 100),
+             "response_timeout": config.get("responseTimeout", 120)}
+    request = urllib.request.Request(f"{server.management}/models?{urllib.parse.urlencode(query)}",
+                                     method="POST", headers=server.headers("management"))
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            response.read()
+    except urllib.error.HTTPError as err:
+        body = err.read().decode(errors="replace")
+        try:
+            body = json.loads(body).get("message", body)
+        except (ValueError, AttributeError):
+            pass
+        raise RuntimeError(f"TorchServe refused to register {name} ({err.code}): {body}") from None
+    except OSError as err:
+        raise RuntimeError(f"registering {name}: no answer on {server.management} ({err})") from None
+    if config.get("maxWorkers", 0) > config.get("minWorkers", 1):  # the scaling range, as at start
+        with contextlib.suppress(OSError):
+            scale = urllib.request.Request(
+                f"{server.management}/models/{name}?min_worker={config['minWorkers']}"
+                f"&max_worker={config['maxWorkers']}", method="PUT", headers=server.headers("management"))
+            urllib.request.urlopen(scale, timeout=30).read()
+
+
 def serve(args: argparse.Namespace) -> tuple[Server, bool]:
-    """`start`: serve `args.model_store`'s archive with these settings, restarting a server that
-    differs, and never stopping a server for an archive that cannot load. True if it started one."""
+    """`start`: serve every archive of `args.model_store` with these settings. A running server
+    gains new archives without a restart (token auth on); changed or removed archives and other
+    settings restart it, and never for an archive that cannot load. True if it started one."""
     server, record = running(args.home)
-    if not (args.model_store / f"{MODEL_NAME}.mar").exists():
+    archives = served_archives(args.model_store)
+    if MODEL_NAME not in archives:
         raise RuntimeError(f"no {args.model_store}/{MODEL_NAME}.mar: run make package first")
+    wanted = {name: describe(name, data) for name, data in archives.items()}
     ports = tuple(args.ports)
+    served = record.get("models", {}) if server else {}
+    fresh = [n for n in wanted if n not in served or served[n]["sha256"] != wanted[n]["sha256"]]
     if server:
-        changes = []
-        if record.get("archive_sha256") != archive_digest(args.model_store):
-            changes.append(f"{MODEL_NAME}.mar changed since TorchServe started")
+        changes = [f"{n}.mar changed since TorchServe started" for n in fresh if n in served]
+        changes += [f"{n}.mar is gone from {args.model_store}" for n in served if n not in wanted]
         if tuple(record["ports"]) != ports:
             changes.append(f"ports {' '.join(map(str, record['ports']))} -> {' '.join(map(str, ports))}")
         if record.get("token_auth") != args.token_auth:
             changes.append(f"token auth {'on' if args.token_auth else 'off'}")
-        if not changes:
-            print(f"TorchServe is already serving this {MODEL_NAME}.mar (pid {server.pid})")
+        if not changes and not fresh:
+            print(f"TorchServe is already serving these archives (pid {server.pid})")
             return server, False
+        if not changes and not args.token_auth:
+            changes.append(f"{', '.join(fresh)} added (token auth off: the management API that "
+                           "would add it in place is closed)")
     need_java()
-    # check what will be served before anything is stopped: a copy, so it cannot change meanwhile
-    store = snapshot(args.model_store, args.home)
-    try:
-        check_archive(store, args.handlers, name=str(args.model_store / f"{MODEL_NAME}.mar"))
-    except RuntimeError:
-        if not server or store.name != f"store-{record['archive_sha256'][:16]}":
-            shutil.rmtree(store, ignore_errors=True)
-        raise
+    # check what will be served before anything is stopped or added: the copies, which cannot change
+    # (with nothing running, start() itself names the archive a worker fails to load)
+    for name in fresh if server else []:
+        with tempfile.TemporaryDirectory() as tmp:  # check_archive reads <folder>/lstm.mar
+            (Path(tmp) / f"{MODEL_NAME}.mar").write_bytes(archives[name])
+            check_archive(Path(tmp), args.handlers, name=str(args.model_store / f"{name}.mar"))
+    if server and not changes:  # only additions: registered in place, nothing dropped
+        for name in fresh:
+            wanted[name]["file"] = stage(args.home, name, archives[name], wanted[name]["sha256"])
+            register(server, name, wanted[name])
+            served[name] = wanted[name]
+            record["models"] = served
+            write_record(record, args.home)
+            print(f"added {name} ({wanted[name]['ticker']}, version {wanted[name]['version']}) "
+                  f"at /predictions/{name} without a restart")
+        server.models = tuple(served)
+        return server, False
     if server:
         taken = [p for p in busy(ports) if p not in record["ports"]]
         if taken:
             raise RuntimeError(f"port {taken[0]} on 127.0.0.1 is in use: the server on "
                                f"{record['ports']} keeps running")
-        print(f"{'; '.join(changes)}: restarting it (a restart drops requests for a few seconds: "
-              "with model registration off, TorchServe cannot swap archives in place)")
+        print(f"{'; '.join(changes)}: restarting it (a restart drops requests for a few seconds)")
         stop(server)
-    return start(store, args.home, handlers=args.handlers, ports=ports, token_auth=args.token_auth), True
+    return start(args.model_store, args.home, handlers=args.handlers, ports=ports,
+                 token_auth=args.token_auth, archives=archives), True
 
 
 def main() -> None:
@@ -481,7 +616,8 @@ def main() -> None:
     parser.add_argument("--home", type=Path, default=Path("logs/serve"),
                         help="the server's folder: config, logs, pid file, token keys")
     parser.add_argument("--model-store", type=Path, default=Path("model_store"),
-                        help=f"folder holding {MODEL_NAME}.mar")
+                        help=f"folder of the archives: {MODEL_NAME}.mar (the default model) and one per "
+                             "other ticker, each served under its file name")
     parser.add_argument("--handlers", type=Path, default=Path("handlers"), help=argparse.SUPPRESS)
     parser.add_argument("--token-auth", action=argparse.BooleanOptionalAction, default=True,
                         help="require TorchServe's keys (written to HOME/key_file.json); without "
@@ -527,8 +663,8 @@ def main() -> None:
             if problem:
                 fail(f"TorchServe (pid {server.pid}) is running but cannot forecast: {problem}",
                      NOT_READY)
-            print(f"TorchServe is serving {MODEL_NAME} version {served_version(server)} "
-                  f"(pid {server.pid}), ready: True")
+            print(f"TorchServe is serving {', '.join(server.models)} (pid {server.pid}), ready: True")
+            print("\n".join(listing(server, record.get("models", {}))))
             print(example_curl(server))
             return
         if not args.token_auth:
@@ -539,7 +675,9 @@ def main() -> None:
         except (RuntimeError, OSError) as err:
             sys.exit(f"error: {err}")
     if started:
-        print(f"TorchServe is serving {MODEL_NAME} (pid {server.pid}, logs in {server.home}/logs)")
+        print(f"TorchServe is serving {', '.join(server.models)} (pid {server.pid}, logs in "
+              f"{server.home}/logs)")
+        print("\n".join(listing(server, running(args.home)[1].get("models", {}))))
         print(f"metrics: curl {server.metrics}")
     print(f"forecast: {example_curl(server)}")
 
