@@ -335,7 +335,8 @@ def test_every_archive_is_served_under_its_name_and_a_new_one_joins_without_a_re
         status = serve("status", "--home", str(home))
         assert status.returncode == 0
         lines = [line.split() for line in status.stdout.splitlines() if line.startswith("  ")]
-        assert [(w[0], w[1], w[5]) for w in lines] == [("lstm", "PETR4.SA", "2/2"), ("vale3", "VALE3.SA", "1/1")]
+        assert [(w[0], w[1], w[5]) for w in lines] == [("lstm", "PETR4.SA", "2/2"),
+                                                       ("vale3", "VALE3.SA", "1/1")]
 
         # a new ticker: registered in place while a client keeps forecasting, nothing dropped
         (store / "itub4.mar").write_bytes(itub4.read_bytes())
