@@ -105,11 +105,19 @@ def tokened(mar, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_without_the_management_key_nobody_can_scale_the_workers(tokened):
+def test_without_the_management_key_nobody_can_change_what_is_served(tokened):
     # over gRPC the same TorchServe interceptor checks the same key (not tested: no grpcio here)
+    store = next((tokened.home / "store").glob("lstm-*.mar")).name
     for headers in ({}, {"Authorization": "Bearer wrong"}, tokened.headers("inference")):
         assert request("PUT", f"{tokened.management}/models/lstm?min_worker=0&synchronous=true",
                        headers) == 400
+        # the model API is on (a new ticker joins without a restart), behind the same key
+        assert request("POST", f"{tokened.management}/models?url={store}&model_name=x", headers) == 400
+        assert request("DELETE", f"{tokened.management}/models/lstm", headers) == 400
+    # with the key, still nothing from outside the server's own store: no URL is allowed
+    for outside in ("http://127.0.0.1:9/x.mar", "file:///etc/passwd", "../lstm.mar"):
+        assert request("POST", f"{tokened.management}/models?url={outside}&model_name=x",
+                       tokened.headers("management")) in (400, 404)
     assert workers(tokened) == ["READY", "READY"]
     assert post(url(tokened), json.dumps(ORIGINAL), headers=tokened.headers())[0] == 200
 

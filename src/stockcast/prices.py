@@ -6,6 +6,7 @@ import io
 import logging
 import re
 import warnings
+from datetime import date, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,35 @@ def resolve(source: str, ticker: str, start: str, end: str, cache_dir: Path, sna
             f"({frame.index[0]:%Y-%m-%d} .. {frame.index[-1]:%Y-%m-%d})"
         )
         return Path(snapshot)
+
+
+def latest_closes(ticker: str, cache_dir: Path, snapshot: Path, days: int = 370,
+                  today: date | None = None) -> tuple[pd.DataFrame, str]:
+    """The newest prices of `ticker` and where they came from: yfinance (the last `days` up to
+    tomorrow, saved in `cache_dir`), else the cached file of it that ends latest, else `snapshot`."""
+    today = today or date.today()
+    start, end = (today - timedelta(days=days)).isoformat(), (today + timedelta(days=1)).isoformat()
+    cache_dir = Path(cache_dir)
+    mine = {p for p in cache_dir.glob(f"{check_ticker(ticker)}_*.csv") if p.stem.rsplit("_", 2)[0] == ticker}
+    try:
+        path = fetch(ticker, start, end, cache_dir)
+    except Exception as err:  # no network, rate limit, empty answer: the newest prices on disk
+        cached = []
+        for p in mine:
+            try:
+                cached.append((load_prices(p, on_suspicious="ignore").index[-1], p))
+            except DataError:  # a damaged cache file is skipped, not fatal
+                continue
+        path = max(cached)[1] if cached else Path(snapshot)
+        if not cached and not path.exists():
+            reason = (str(err).splitlines() or [type(err).__name__])[0][:120]
+            raise DataError(f"no prices for {ticker}: yfinance failed ({reason}), no {ticker}_*.csv "
+                            f"in {cache_dir}, no {path}") from None
+        how = f"{'cache' if cached else 'snapshot'} {path}"
+    else:  # a file fetch found already there was downloaded earlier today, not now
+        how = f"cache {path}" if path in mine else "yfinance"
+    frame = load_prices(path)
+    return frame, f"{how}, last close {frame.index[-1]:%Y-%m-%d}"
 
 
 def load_prices(path: str | Path, on_suspicious: str = "warn") -> pd.DataFrame:
