@@ -10,6 +10,8 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from conftest import ROOT, closes, forecast_from_export, quantiles_from_export
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.model_loader import TsModelLoader
@@ -536,3 +538,23 @@ def test_a_request_fails_only_when_none_of_its_instances_is_answered(service):
     assert [s for s, _ in answers] == [400, 200, 200]
     assert_same(answers[2][1]["predictions"][0], answers[1][1])
     assert answers[2][1]["predictions"][1]["reason"] == "missing_history"
+
+
+CORRUPTIONS = [True, None, "30.5", float("nan"), float("inf"), -1.0, 0, 5e-324, 2e9, 10**400, [1.0], 300.0]
+
+
+@settings(max_examples=40, deadline=None, database=None, derandomize=True)
+@given(st.lists(st.tuples(st.integers(0, 1000), st.sampled_from([None, *range(len(CORRUPTIONS))]),
+                          st.integers(0, 59), st.sampled_from([60, 60, 60, 61])), min_size=1, max_size=12))
+def test_generated_instance_lists_get_the_answers_each_history_gets_alone(service, spec):
+    """Whatever mix of lengths and bad values: the array checks and the one-by-one checks agree."""
+    instances = []
+    for seed, corruption, at, n in spec:
+        history = closes(n, seed=seed).tolist()
+        if corruption is not None:
+            history[at] = CORRUPTIONS[corruption]
+        instances.append({"history": history})
+    [(status, answer)] = predict(service, json.dumps({"instances": instances}))
+    alone = [predict(service, json.dumps(x))[0] for x in instances]
+    assert status == (200 if any(s == 200 for s, _ in alone) else alone[0][0])
+    assert_same(answer["predictions"], [a for _, a in alone])
