@@ -10,9 +10,9 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, closes, forecast_from_export, quantiles_from_export
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from conftest import ROOT, closes, forecast_from_export, quantiles_from_export
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.model_loader import TsModelLoader
 from ts.service import Service
