@@ -205,7 +205,9 @@ def test_the_serve_command_is_idempotent_and_reloads_a_changed_archive(artifacts
         record = json.loads((home / "server.json").read_text())
         key = json.loads((home / "key_file.json").read_text())["management"]["key"]
         code, body = get(f"http://127.0.0.1:{ports[1]}/models/lstm", {"Authorization": f"Bearer {key}"})
-        assert code == 200 and json.loads(body)[0]["batchSize"] == 1  # the latency archive
+        # the latency archive: no batching wait, honoured through the model_snapshot (load_models
+        # would read 0 as 100 ms)
+        assert code == 200 and json.loads(body)[0]["maxBatchDelay"] == 0, body
     finally:
         serve("stop")
     assert processes(record["pid"]) == {} and serve("status").returncode != 0

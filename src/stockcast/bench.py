@@ -64,6 +64,7 @@ class Plan:
     payload: str
     instances: int = 0
     many: str = ""
+    warmup: int = 2  # seconds at concurrency 16 before the first level
 
 
 class BenchError(Exception):
@@ -304,8 +305,9 @@ def bench_profile(name: str, artifacts: Path, handlers: Path, plan: Plan, tmp: P
         url = f"{server.inference}/predictions/lstm"
         script = tmp / f"post-{name}.lua"
         script.write_text(wrk_script(plan.payload, server.headers()))
-        try:
-            run_wrk(url, script, 4, 2)
+        try:  # Java's JIT compiles the request path for ~20 s after a start, taking a core's
+            # fifth: measured before it is done, c1 p99 was 5.8-8.7 ms, after it 2-5 ms
+            run_wrk(url, script, 16, plan.warmup)
         except BenchError as e:
             raise BenchError(f"warm-up: {e}") from None
 
@@ -383,6 +385,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=positive, nargs="+", default=[1, 16, 64],
                         help="open connections, one wrk run each")
     parser.add_argument("--seconds", type=positive, default=10, help="length of each wrk run")
+    parser.add_argument("--warmup", type=positive, default=30,
+                        help="seconds of load at concurrency 16 before the first level")
     parser.add_argument("--request", type=Path, default=Path("examples/petr4_request.json"),
                         help="the JSON body sent")
     parser.add_argument("--many", type=count, default=1000,
@@ -402,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
         many = many_body(request, args.many) if args.many else ""
     except (OSError, ValueError, TypeError, KeyError) as e:  # KeyError, TypeError: no "history" list
         raise SystemExit(f"error: cannot read the request {args.request}: {type(e).__name__}: {e}") from None
-    plan = Plan(args.concurrency, args.seconds, json.dumps(request), args.many, many)
+    plan = Plan(args.concurrency, args.seconds, json.dumps(request), args.many, many, args.warmup)
     if shutil.which("wrk") is None:
         raise SystemExit("error: the load generator wrk is missing: apt-get install wrk")
 

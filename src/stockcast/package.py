@@ -30,7 +30,10 @@ FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
 # serving profiles: overrides of handlers/model-config.yaml (measured with make bench, see README)
 PROFILES: dict[str, dict] = {
     "throughput": {},  # batches of up to 8 with a 1 ms wait: best at concurrency 16 and up
-    "latency": {"batchSize": 1},  # no batching wait: best for one client at a time
+    # no batching wait: a batch is what is queued when a worker is free (at most 2: TorchServe's
+    # Model.pollBatch stops at the second job when the delay is 0). 0 holds only through the
+    # model_snapshot stockcast.serve writes; a load_models start reads it as 100 ms
+    "latency": {"maxBatchDelay": 0},
 }
 # every ticker beside the default one: one worker, since each TorchServe worker imports torch
 # (~155 MB of private memory: 20 tickers in ~3.5 GB with the frontend)
