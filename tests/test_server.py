@@ -76,6 +76,9 @@ def test_a_thousand_histories_in_one_call_over_http(server, artifacts):
     np.testing.assert_allclose(good, expected, rtol=1e-5)
     status, body = post(server, json.dumps({"instances": [instances[0]] * 1001}))
     assert (status, body["reason"]) == (400, "too_many_instances") and "1000" in body["message"]
+    # 1,000 refused instances: a 200 whose list arrives whole (a 4xx of ~160 KB was cut short)
+    status, body = post(server, json.dumps({"instances": [{"history": [1.0, 2.0]}] * 1000}))
+    assert status == 200 and [p["reason"] for p in body["predictions"]] == ["too_short"] * 1000
 
 
 def test_an_oversized_body_is_refused_with_413(server):
