@@ -360,14 +360,71 @@ def test_every_archive_is_served_under_its_name_and_a_new_one_joins_without_a_re
         assert serve("status", "--home", str(home)).stdout.count("READY") == 3
         print(f"{len(statuses)} forecasts during the registration, all 200")
 
-        # nothing changed: nothing done; a model gone from the store: a restart that says so
+        # nothing changed: nothing done; a model gone from the store: unregistered in place
         assert "already serving these archives" in serve("start", *args).stdout
         (store / "vale3.mar").unlink()
         again = serve("start", *args)
-        assert again.returncode == 0 and "vale3.mar is gone from" in again.stdout
-        assert "TorchServe is serving lstm, itub4 (pid" in again.stdout
+        assert again.returncode == 0 and "removed vale3" in again.stdout, again.stdout
+        assert json.loads((home / "server.json").read_text())["pid"] == pid
+        assert post(f"{inference}/vale3", json.dumps(ORIGINAL), headers=auth)[0] == 404
         # the copies of archives no longer served are pruned
         assert sorted(f.name.split("-")[0] for f in (home / "store").glob("*.mar")) == ["itub4", "lstm"]
+
+        # a new version of the default model: swapped in under a steady load, no request failed
+        old = json.loads((home / "server.json").read_text())["models"]["lstm"]["version"]
+        new = str(int(old) + 1)
+        build_archive(artifacts, store, handlers=ROOT / "handlers", version=new)
+        loads = [answering(f"{inference}/lstm", key["inference"]["key"], 12) for _ in range(2)]
+        began = time.monotonic()
+        swapped = serve("start", *args)
+        took = time.monotonic() - began
+        for _, thread in loads:
+            thread.join()
+        assert swapped.returncode == 0, swapped.stderr
+        assert f"version {old} -> {new} at /predictions/lstm without a restart" in swapped.stdout
+        answered = [s for statuses, _ in loads for s in statuses]
+        assert len(answered) > 50 and set(answered) == {200}, answered
+        assert post(f"{inference}/lstm", json.dumps(ORIGINAL), headers=auth)[1]["model"]["version"] == new
+        code, body = get(f"http://127.0.0.1:{ports[1]}/models/lstm/all", {
+            "Authorization": f"Bearer {key['management']['key']}"})
+        assert [m["modelVersion"] for m in json.loads(body)] == [new]  # the old version unregistered
+        assert json.loads((home / "server.json").read_text())["pid"] == pid
+        print(f"swap: {took:.1f} s, {len(answered)} forecasts during it, all 200")
+    finally:
+        serve("stop", "--home", str(home))
+
+
+@pytest.mark.slow
+def test_an_interrupted_registration_is_finished_and_a_lost_record_names_what_is_served(
+        mar, artifacts, tmp_path):
+    """A registration whose server.json update never happened (the command killed after TorchServe
+    registered the model) is adopted by the next start, not refused with a 409 forever; with
+    server.json gone, status reads what TorchServe serves, not a leftover copy in the store."""
+    from stockcast.serve import describe, put_in_place, running, stage
+
+    store, home, ports = tmp_path / "store", tmp_path / "home", [str(p) for p in free_ports()]
+    args = ["--model-store", str(store), "--home", str(home), "--ports", *ports]
+    store.mkdir()
+    (store / "lstm.mar").write_bytes(mar.read_bytes())
+    try:
+        assert serve("start", *args).returncode == 0
+        build_archive(as_ticker(artifacts, tmp_path / "a" / "vale3", "VALE3.SA"), store,
+                      handlers=ROOT / "handlers", overrides=OTHER_TICKERS, name="vale3")
+        server, _ = running(home)
+        data = (store / "vale3.mar").read_bytes()
+        model = describe("vale3", data)
+        model["file"] = stage(home, "vale3", data, model["sha256"])
+        put_in_place(server, "vale3", model)  # registered, the record never updated
+        # and a copy staged by a registration that never reached TorchServe
+        (home / "store" / "itub4-0123456789abcdef.mar").write_bytes(data)
+        again = serve("start", *args)
+        assert again.returncode == 0 and "added vale3" in again.stdout, again.stderr
+        assert json.loads((home / "server.json").read_text())["models"]["vale3"]["file"] == model["file"]
+        (home / "server.json").unlink()
+        status = serve("status", "--home", str(home))
+        assert status.returncode == 0, status.stderr
+        names = [line.split()[0] for line in status.stdout.splitlines() if line.startswith("  ")]
+        assert names == ["lstm", "vale3"], status.stdout
     finally:
         serve("stop", "--home", str(home))
 
@@ -388,7 +445,7 @@ def test_without_token_auth_the_management_api_cannot_register_and_an_addition_r
         build_archive(as_ticker(artifacts, tmp_path / "a" / "vale3", "VALE3.SA"), store,
                       handlers=ROOT / "handlers", overrides=OTHER_TICKERS, name="vale3")
         added = serve("start", *args)
-        assert added.returncode == 0 and "vale3 added (token auth off" in added.stdout
+        assert added.returncode == 0 and "vale3 changed (token auth off" in added.stdout
         assert "TorchServe is serving lstm, vale3" in added.stdout
     finally:
         serve("stop", "--home", str(home))

@@ -147,3 +147,20 @@ def test_all_archives_every_other_registered_experiment_under_its_name_with_one_
         default = yaml.safe_load(z.read("model-config.yaml"))
     assert (config["minWorkers"], config["maxWorkers"]) == (1, 1)
     assert default["minWorkers"] == 2 and config["handler"] == default["handler"]
+    # vale3 becomes the default: its own vale3.mar goes (else VALE3 is served twice, one copy stale)
+    done = subprocess.run([sys.executable, "-m", "stockcast.package", str(root / "vale3"), str(store),
+                           "--all"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in store.glob("*.mar")) == ["lstm.mar", "petr4.mar"]
+    assert f"{store}/vale3.mar: removed" in done.stdout
+
+
+def test_another_version_of_the_same_files_is_rebuilt(artifacts, tmp_path):
+    def version(mar):
+        with zipfile.ZipFile(mar) as z:
+            return json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["modelVersion"]
+
+    mar = build_archive(artifacts, tmp_path, handlers=ROOT / "handlers")
+    assert version(build_archive(artifacts, tmp_path, handlers=ROOT / "handlers", version="77")) == "77"
+    assert version(mar) == "77"
+    assert version(build_archive(artifacts, tmp_path, handlers=ROOT / "handlers")) != "77"

@@ -101,12 +101,15 @@ def contents(artifacts: Path, handlers: Path, model_format: str, overrides: dict
                      "(being published by a training run? try again)")
 
 
-def up_to_date(mar: Path, entries: dict[str, bytes]) -> bool:
-    """True if `mar` holds exactly these entries: by content, so switching experiments counts."""
+def up_to_date(mar: Path, entries: dict[str, bytes], version: str | None = None) -> bool:
+    """True if `mar` holds exactly these entries (by content, so switching experiments counts) and,
+    if given, reports this version."""
     try:
         with zipfile.ZipFile(mar) as z:
-            return all(z.read(name) == data for name, data in entries.items())
-    except (OSError, KeyError, zipfile.BadZipFile):
+            same = all(z.read(name) == data for name, data in entries.items())
+            return same and (version is None or
+                             json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["modelVersion"] == version)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         return False
 
 
@@ -122,7 +125,7 @@ def build_archive(artifacts: Path, export_path: Path, handlers: Path = Path("han
         raise ValueError(f"{artifacts} is not a registered version (its meta.json has no \"version\"): "
                          "train again (make train), or give --version to archive it anyway")
     mar = Path(export_path) / f"{name}.mar"
-    if up_to_date(mar, entries):
+    if up_to_date(mar, entries, version):
         return mar
     mar.parent.mkdir(parents=True, exist_ok=True)
     # everything private to this build: the archiver stages in tempfile.gettempdir()/<model name>,
@@ -141,7 +144,7 @@ def build_archive(artifacts: Path, export_path: Path, handlers: Path = Path("han
             "--config-file", str(staged / "model-config.yaml"), "--export-path", str(out),
         ], capture_output=True, text=True, env={**os.environ, "TMPDIR": tmp})
         built = out / mar.name
-        if done.returncode or not up_to_date(built, entries):
+        if done.returncode or not up_to_date(built, entries, version):
             raise RuntimeError(f"torch-model-archiver failed: {done.stderr or done.stdout}")
         os.replace(built, mar)  # readers see the old archive or the new one, never a mix
     return mar
@@ -250,7 +253,13 @@ def trained(root: Path) -> list[Path]:
 
 def build_others(artifacts: Path, export_path: Path, overrides: dict, model_format: str = "onnx",
                  handlers: Path = Path("handlers")) -> list[Path]:
-    """Every trained experiment beside `artifacts` -> export_path/<name>.mar, one worker each."""
+    """Every trained experiment beside `artifacts` -> export_path/<name>.mar, one worker each; the
+    default experiment's own <name>.mar, left from when another was the default, is removed (it is
+    served as lstm now: a second copy would serve it twice, and never be updated)."""
+    own = Path(export_path) / f"{Path(artifacts).resolve().name}.mar"
+    if own.is_file() and own.name != f"{MODEL_NAME}.mar":
+        own.unlink()
+        print(f"{own}: removed ({own.stem} is the default model now, served as {MODEL_NAME})")
     others = [a for a in trained(Path(artifacts).parent) if a.resolve() != Path(artifacts).resolve()]
     return [build_archive(a, export_path, handlers=handlers, model_format=model_format,
                           overrides={**overrides, **OTHER_TICKERS}, name=a.name) for a in others]
@@ -279,7 +288,8 @@ def main() -> None:
     mar = args.export_path / f"{MODEL_NAME}.mar"
     try:
         overrides = PROFILES[args.profile]
-        fresh = up_to_date(mar, contents(args.artifacts, Path("handlers"), args.format, overrides))
+        entries = contents(args.artifacts, Path("handlers"), args.format, overrides)
+        fresh = up_to_date(mar, entries, args.version)
         build_archive(args.artifacts, args.export_path, version=args.version,
                       model_format=args.format, overrides=overrides)
         others = build_others(args.artifacts, args.export_path, overrides, args.format) if args.all else []

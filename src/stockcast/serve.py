@@ -1,11 +1,12 @@
 """Start, check and stop TorchServe: python -m stockcast.serve start|stop|status|token
 
 It serves every archive in model_store under its file name: lstm.mar (the default ticker) at
-/predictions/lstm, vale3.mar at /predictions/vale3. An archive added to model_store joins a running
-server without a restart (registered through the management API, behind its key); a changed or
-removed one restarts it. Each server lives in its own folder (config, logs, pid file, token file,
-private copies of the archives), runs in its own process group, and is stopped through that group:
-exactly what was started, nothing else. One command at a time per folder (a lock in it).
+/predictions/lstm, vale3.mar at /predictions/vale3. A running server follows model_store without
+a restart (through the management API, behind its key): an added archive is registered, a changed
+one swapped in as its new version with no request failed, a removed one unregistered. Each server
+lives in its own folder (config, logs, pid file, token file, private copies of the archives), runs
+in its own process group, and is stopped through that group: exactly what was started, nothing else.
+One command at a time per folder (a lock in it).
 
 Exit codes: 0 done (start: serving; stop: nothing runs any more, also when nothing ran; status:
 serving and a worker of every model READY); 1 failed (an error, or stop could not end the server);
@@ -279,12 +280,17 @@ def busy(ports) -> list[int]:
     return busy_ports
 
 
+def store_name(name: str, digest: str) -> str:
+    """The file name of an archive's copy in a server's store: its model name and content digest."""
+    return f"{name}-{digest[:16]}.mar"
+
+
 def stage(home: Path, name: str, data: bytes, digest: str) -> str:
     """A private copy of an archive in `home`/store, named by its content digest: what was checked
     is what is served and recorded, whatever a concurrent `make package` writes meanwhile."""
     store = Path(home).resolve() / "store"
     store.mkdir(parents=True, exist_ok=True)
-    file = f"{name}-{digest[:16]}.mar"
+    file = store_name(name, digest)
     if not (store / file).exists():
         (store / "partial").write_bytes(data)
         os.replace(store / "partial", store / file)
@@ -468,16 +474,28 @@ def recover(home: Path) -> dict:
             ports = [int(props[k].rsplit(":", 1)[1]) for k in
                      ("inference_address", "management_address", "metrics_address")]
             ports += [int(props[k]) for k in ("grpc_inference_port", "grpc_management_port")]
-            models = {}  # what the store holds: the copies of the archives served
-            for file in sorted(Path(props["model_store"]).glob("*.mar")):
-                name = file.name.rsplit("-", 1)[0]
-                models[name] = {**describe(name, file.read_bytes()), "file": file.name}
+            files = default_versions(Server(home, pid, tuple(ports)))
+            if files is None:  # TorchServe does not answer: the copies its store holds
+                files = {f.name.rsplit("-", 1)[0]: f.name for f in Path(props["model_store"]).glob("*.mar")}
+            models = {name: {**describe(name, (Path(props["model_store"]) / file).read_bytes()), "file": file}
+                      for name, file in sorted(files.items())}
             return {"pid": pid, "started": started_at(pid), "boot_id": boot_id(), "ports": ports,
                     "token_auth": props.get("disable_token_authorization") != "true",
                     "models": dict(sorted(models.items(), key=lambda m: m[0] != MODEL_NAME))}
         except (OSError, KeyError, ValueError, IndexError, RuntimeError):
             continue
     return {}
+
+
+def default_versions(server: Server) -> dict[str, str] | None:
+    """Model name -> the archive file of the version that answers, as TorchServe says; None if it
+    does not answer (a store may also hold a copy whose registration was interrupted)."""
+    try:
+        listed = json.loads(manage(server, "GET", "/models", timeout=5, limit=1000))["models"]
+        return {m["modelName"]: json.loads(manage(server, "GET", f"/models/{m['modelName']}", timeout=5))[0]
+                ["modelUrl"] for m in listed}
+    except (RuntimeError, ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 def running(home: Path) -> tuple[Server | None, dict]:
@@ -520,41 +538,74 @@ def example_curl(server: Server, request_file: str | None = None) -> str:
             f"-H 'Content-Type: application/json'{auth} -d @{request_file}")
 
 
-def register(server: Server, name: str, model: dict) -> None:
-    """Add model `name` (its archive already in the server's store) to a running server through
-    the management API, with the workers and batching its archive asks for; RuntimeError if
-    TorchServe refuses."""
-    config = model["config"]
-    query = {"url": model["file"], "model_name": name, "synchronous": "true",
-             "initial_workers": config.get("minWorkers", 1), "batch_size": config.get("batchSize", 1),
-             "max_batch_delay": config.get("maxBatchDelay", 100),
-             "response_timeout": config.get("responseTimeout", 120)}
-    request = urllib.request.Request(f"{server.management}/models?{urllib.parse.urlencode(query)}",
-                                     method="POST", headers=server.headers("management"))
+def manage(server: Server, method: str, path: str, timeout: float = 120, **query) -> str:
+    """One management API call behind the management key; its body, or RuntimeError naming why not."""
+    url = f"{server.management}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    request = urllib.request.Request(url, method=method, headers=server.headers("management"))
     try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            response.read()
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read().decode()
     except urllib.error.HTTPError as err:
         body = err.read().decode(errors="replace")
         try:
             body = json.loads(body).get("message", body)
         except (ValueError, AttributeError):
             pass
-        raise RuntimeError(f"TorchServe refused to register {name} ({err.code}): {body}") from None
+        raise RuntimeError(f"TorchServe refused {method} {path} ({err.code}): {body}") from None
     except OSError as err:
-        raise RuntimeError(f"registering {name}: no answer on {server.management} ({err})") from None
-    if config.get("maxWorkers", 0) > config.get("minWorkers", 1):  # the scaling range, as at start
-        with contextlib.suppress(OSError):
-            scale = urllib.request.Request(
-                f"{server.management}/models/{name}?min_worker={config['minWorkers']}"
-                f"&max_worker={config['maxWorkers']}", method="PUT", headers=server.headers("management"))
-            urllib.request.urlopen(scale, timeout=30).read()
+        raise RuntimeError(f"{method} {path}: no answer on {server.management} ({err})") from None
+
+
+def versions(server: Server, name: str) -> dict[str, str]:
+    """Version -> archive file of every version of `name` TorchServe has registered ({} if none)."""
+    try:
+        found = json.loads(manage(server, "GET", f"/models/{name}/all", timeout=10))
+    except RuntimeError as err:
+        if "(404)" in str(err):
+            return {}
+        raise
+    return {str(m.get("modelVersion")): m.get("modelUrl") for m in found}
+
+
+def put_in_place(server: Server, name: str, model: dict, grace: float = 2.0) -> None:
+    """Make `model` (its archive already in the server's store) the version of `name` that answers,
+    without a restart: registered beside the version serving now, with its own workers and batching,
+    made the default once READY (register is synchronous), and the other versions unregistered
+    `grace` seconds later, when the requests they had queued are answered. Also finishes what an
+    interrupted run left: a version already registered from the same file is kept, not re-added."""
+    present = versions(server, name)
+    version, config = model["version"], model["config"]
+    if present.get(version) not in (None, model["file"]):
+        raise RuntimeError(f"version {version} of {name} is registered from {present[version]}, "
+                           f"not {model['file']}: a restart is needed")
+    if version not in present:
+        manage(server, "POST", "/models", url=model["file"], model_name=name, synchronous="true",
+               initial_workers=config.get("minWorkers", 1), batch_size=config.get("batchSize", 1),
+               max_batch_delay=config.get("maxBatchDelay", 100),
+               response_timeout=config.get("responseTimeout", 120))
+        if config.get("maxWorkers", 0) > config.get("minWorkers", 1):  # the scaling range, as at start
+            manage(server, "PUT", f"/models/{name}/{version}", min_worker=config["minWorkers"],
+                   max_worker=config["maxWorkers"])
+    others = [v for v in present if v != version]
+    if others:
+        manage(server, "PUT", f"/models/{name}/{version}/set-default")
+        time.sleep(grace)
+        for old in others:
+            manage(server, "DELETE", f"/models/{name}/{old}")
+
+
+def remove(server: Server, name: str) -> None:
+    """Unregister every version of `name` (its archive left model_store)."""
+    for version in versions(server, name):
+        manage(server, "DELETE", f"/models/{name}/{version}")
 
 
 def serve(args: argparse.Namespace) -> tuple[Server, bool]:
     """`start`: serve every archive of `args.model_store` with these settings. A running server
-    gains new archives without a restart (token auth on); changed or removed archives and other
-    settings restart it, and never for an archive that cannot load. True if it started one."""
+    (token auth on) changes in place: an added archive is registered, a changed one swapped in as
+    its new version (then the old one unregistered), a removed one unregistered; other settings,
+    or a changed archive that keeps its version, restart it; never for an archive that cannot load.
+    True if it started one."""
     server, record = running(args.home)
     archives = served_archives(args.model_store)
     if MODEL_NAME not in archives:
@@ -563,19 +614,25 @@ def serve(args: argparse.Namespace) -> tuple[Server, bool]:
     ports = tuple(args.ports)
     served = record.get("models", {}) if server else {}
     fresh = [n for n in wanted if n not in served or served[n]["sha256"] != wanted[n]["sha256"]]
+    gone = [n for n in served if n not in wanted]
     if server:
-        changes = [f"{n}.mar changed since TorchServe started" for n in fresh if n in served]
-        changes += [f"{n}.mar is gone from {args.model_store}" for n in served if n not in wanted]
+        changes = []  # what needs a restart
         if tuple(record["ports"]) != ports:
             changes.append(f"ports {' '.join(map(str, record['ports']))} -> {' '.join(map(str, ports))}")
         if record.get("token_auth") != args.token_auth:
             changes.append(f"token auth {'on' if args.token_auth else 'off'}")
-        if not changes and not fresh:
+        if not changes and not fresh and not gone:
             print(f"TorchServe is already serving these archives (pid {server.pid})")
             return server, False
-        if not changes and not args.token_auth:
-            changes.append(f"{', '.join(fresh)} added (token auth off: the management API that "
-                           "would add it in place is closed)")
+        if not args.token_auth and (fresh or gone):
+            changes += [f"{', '.join(fresh + gone)} changed (token auth off: the management API that "
+                        "would change it in place is closed)"]
+        for n in fresh:
+            file = store_name(n, wanted[n]["sha256"])
+            kept = n in served and served[n]["version"] == wanted[n]["version"]
+            if kept or versions(server, n).get(wanted[n]["version"]) not in (None, file):
+                changes.append(f"{n}.mar changed but keeps version {wanted[n]['version']} (TorchServe "
+                               "serves one archive per version)")
     need_java()
     # check what will be served before anything is stopped or added: the copies, which cannot change
     # (with nothing running, start() itself names the archive a worker fails to load)
@@ -583,16 +640,25 @@ def serve(args: argparse.Namespace) -> tuple[Server, bool]:
         with tempfile.TemporaryDirectory() as tmp:  # check_archive reads <folder>/lstm.mar
             (Path(tmp) / f"{MODEL_NAME}.mar").write_bytes(archives[name])
             check_archive(Path(tmp), args.handlers, name=str(args.model_store / f"{name}.mar"))
-    if server and not changes:  # only additions: registered in place, nothing dropped
+    if server and not changes:  # in place: nothing dropped
         for name in fresh:
+            old = served.get(name)
             wanted[name]["file"] = stage(args.home, name, archives[name], wanted[name]["sha256"])
-            register(server, name, wanted[name])
+            put_in_place(server, name, wanted[name])
             served[name] = wanted[name]
             record["models"] = served
             write_record(record, args.home)
-            print(f"added {name} ({wanted[name]['ticker']}, version {wanted[name]['version']}) "
-                  f"at /predictions/{name} without a restart")
+            what = f"version {old['version']} -> {wanted[name]['version']}" if old else \
+                f"added {name} ({wanted[name]['ticker']}, version {wanted[name]['version']})"
+            print(f"{what} at /predictions/{name} without a restart")
+        for name in gone:
+            remove(server, name)
+            del served[name]
+            record["models"] = served
+            write_record(record, args.home)
+            print(f"removed {name} ({args.model_store}/{name}.mar is gone) without a restart")
         server.models = tuple(served)
+        prune(args.home, served)
         return server, False
     if server:
         taken = [p for p in busy(ports) if p not in record["ports"]]
