@@ -86,3 +86,38 @@ def test_a_busy_port_is_a_one_line_error_before_anything_starts(tmp_path, mar):
             start(mar.parent, tmp_path / "home", handlers=ROOT / "handlers",
                   ports=(port, *free_ports(4)))
     assert not (tmp_path / "home").exists()
+
+
+def test_a_file_that_cannot_be_served_is_skipped_with_a_warning_not_fatal(tmp_path, capsys):
+    import io
+    import zipfile
+
+    import pytest
+
+    from stockcast.serve import served_archives
+
+    def archive() -> bytes:
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as z:
+            z.writestr("meta.json", "{}")
+        return buffer.getvalue()
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "lstm.mar").write_bytes(archive())
+    (store / "vale3.mar").write_bytes(archive())
+    (store / "itub4.mar").write_text("not a zip")
+    (store / "My Model.mar").write_bytes(archive())
+    (store / "bbdc4.MAR").write_bytes(archive())
+    (store / "petr4.mar").symlink_to(store / "lstm.mar")
+    (store / "notes.txt").write_text("not an archive")
+    assert list(served_archives(store)) == ["lstm", "vale3"]
+    warnings = sorted(capsys.readouterr().err.splitlines())
+    assert warnings == [f"warning: {store}/{name} skipped: {why}" for name, why in [
+        ("My Model.mar", "not a name TorchServe serves (letters, digits, _ . - and a lowercase .mar)"),
+        ("bbdc4.MAR", "not a name TorchServe serves (letters, digits, _ . - and a lowercase .mar)"),
+        ("itub4.mar", "not an archive (not a zip file)"),
+        ("petr4.mar", "the same file as lstm.mar")]]
+    (store / "lstm.mar").write_text("not a zip")  # the default model itself: an error
+    with pytest.raises(RuntimeError, match="lstm.mar: not an archive"):
+        served_archives(store)

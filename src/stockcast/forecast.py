@@ -24,6 +24,7 @@ from stockcast.serve import Server, running
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: data/ and logs/ are found from any cwd
 HOME = ROOT / "logs" / "serve"
 LEVELS = (0.8, 0.95)
+STALE_DAYS = 4  # a weekend and a holiday: older closes get a note that the forecast is not for tomorrow
 
 
 class Failed(Exception):
@@ -42,8 +43,11 @@ def model_for(ticker: str, record: dict) -> tuple[str, dict]:
         if str(model.get("ticker", "")).upper() == ticker.upper():
             return name, model
     serving = ", ".join(f"{n} ({m.get('ticker', '?')})" for n, m in models.items()) or "nothing"
-    raise Failed(f"{ticker} is not served (serving: {serving}); to add it: make train "
-                 f"EXPERIMENT={ticker_name(ticker)} then make serve (no restart needed)")
+    name = ticker_name(ticker)
+    how = f"make train EXPERIMENT={name}" if (ROOT / "configs" / "experiment" / f"{name}.yaml").exists() \
+        else f"python train.py data.ticker={ticker} (prices from yfinance)"
+    raise Failed(f"{ticker} is not served (serving: {serving}); to add it: {how} then make serve "
+                 "(no restart needed)")
 
 
 def ask(server: Server, name: str, history: list[float]) -> dict:
@@ -68,7 +72,11 @@ def ask(server: Server, name: str, history: list[float]) -> dict:
 
 def forecast(ticker: str, server: Server, record: dict, csv: Path | None = None) -> dict:
     """One ticker's forecast: its latest closes sent to the model serving it."""
-    ticker = check_ticker(ticker).upper()
+    try:
+        ticker = check_ticker(ticker).upper()
+    except DataError:
+        raise Failed(f"{ticker!r} is not a ticker symbol like PETR4.SA (letters, digits and . ^ = _ - "
+                     "only)") from None
     name, model = model_for(ticker, record)
     if csv is None:
         frame, source = latest_closes(ticker, ROOT / "data" / "cache", ROOT / "data" / f"{ticker}.csv")
@@ -131,6 +139,11 @@ def main(argv: list[str] | None = None) -> None:
     for ticker in args.tickers:
         try:
             results.append(forecast(ticker, server, record, args.csv))
+            age = (date.today() - date.fromisoformat(results[-1]["last_date"])).days
+            if age > STALE_DAYS:
+                print(f"note: {results[-1]['ticker']}: the newest close found is {age} days old "
+                      f"({results[-1]['last_date']}): the forecast is for the weekday after it, not for "
+                      "tomorrow", file=sys.stderr)
         except (Failed, DataError) as err:
             print(f"error: {ticker}: {err}", file=sys.stderr)
             failed = True

@@ -104,7 +104,8 @@ def resolve(source: str, ticker: str, start: str, end: str, cache_dir: Path, sna
 def latest_closes(ticker: str, cache_dir: Path, snapshot: Path, days: int = 370,
                   today: date | None = None) -> tuple[pd.DataFrame, str]:
     """The newest prices of `ticker` and where they came from: yfinance (the last `days` up to
-    tomorrow, saved in `cache_dir`), else the cached file of it that ends latest, else `snapshot`."""
+    tomorrow, saved in `cache_dir`), else whichever ends latest of its cached files (the refreshed
+    one, `live_path`, among them) and `snapshot`."""
     today = today or date.today()
     start, end = (today - timedelta(days=days)).isoformat(), (today + timedelta(days=1)).isoformat()
     cache_dir = Path(cache_dir)
@@ -112,22 +113,28 @@ def latest_closes(ticker: str, cache_dir: Path, snapshot: Path, days: int = 370,
     try:
         path = fetch(ticker, start, end, cache_dir)
     except Exception as err:  # no network, rate limit, empty answer: the newest prices on disk
-        cached = []
-        for p in mine:
+        found = []  # (last date, a cache file before the snapshot on the same date, kind, path)
+        files = [("cache", p) for p in [*mine, live_path(cache_dir, ticker)]] + [("snapshot", Path(snapshot))]
+        for kind, p in files:
             try:
-                cached.append((load_prices(p, on_suspicious="ignore").index[-1], p))
-            except DataError:  # a damaged cache file is skipped, not fatal
+                found.append((load_prices(p, on_suspicious="ignore").index[-1], kind == "cache", kind, p))
+            except DataError:  # missing or damaged: skipped, not fatal
                 continue
-        path = max(cached)[1] if cached else Path(snapshot)
-        if not cached and not path.exists():
+        if not found:
             reason = (str(err).splitlines() or [type(err).__name__])[0][:120]
             raise DataError(f"no prices for {ticker}: yfinance failed ({reason}), no {ticker}_*.csv "
-                            f"in {cache_dir}, no {path}") from None
-        how = f"{'cache' if cached else 'snapshot'} {path}"
+                            f"in {cache_dir}, no {snapshot}") from None
+        _, _, kind, path = max(found)
+        how = f"{kind} {path}"
     else:  # a file fetch found already there was downloaded earlier today, not now
         how = f"cache {path}" if path in mine else "yfinance"
     frame = load_prices(path)
     return frame, f"{how}, last close {frame.index[-1]:%Y-%m-%d}"
+
+
+def live_path(cache_dir: Path, ticker: str) -> Path:
+    """The file `make refresh` keeps up to date: the snapshot's rows and every close since."""
+    return Path(cache_dir) / f"{check_ticker(ticker)}.csv"
 
 
 def load_prices(path: str | Path, on_suspicious: str = "warn") -> pd.DataFrame:

@@ -119,9 +119,32 @@ MODEL_NAMES = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 def served_archives(model_store: Path) -> dict[str, bytes]:
     """Model name -> archive bytes, for every *.mar in `model_store`: lstm first, then by name.
-    Read once, so what is checked and recorded is what is served."""
-    paths = sorted(Path(model_store).glob("*.mar"), key=lambda p: (p.stem != MODEL_NAME, p.stem))
-    return {p.stem: p.read_bytes() for p in paths if p.is_file() and MODEL_NAMES.fullmatch(p.stem)}
+    Read once, so what is checked and recorded is what is served. A file that cannot be served
+    (a name TorchServe refuses, not a zip, a second name for the same file) is skipped with a
+    warning, except lstm.mar: one bad file does not stop the others."""
+    paths = sorted((p for p in Path(model_store).iterdir() if p.suffix.lower() == ".mar"),
+                   key=lambda p: (p.stem != MODEL_NAME, p.stem)) if Path(model_store).is_dir() else []
+    archives, seen = {}, {}
+    for path in paths:
+        why = None
+        if path.suffix != ".mar" or not MODEL_NAMES.fullmatch(path.stem):
+            why = "not a name TorchServe serves (letters, digits, _ . - and a lowercase .mar)"
+        elif not path.is_file():
+            continue
+        elif path.resolve() in seen:
+            why = f"the same file as {seen[path.resolve()]}.mar"
+        else:
+            data = path.read_bytes()
+            if not zipfile.is_zipfile(io.BytesIO(data)):
+                why = "not an archive (not a zip file)"
+        if why and path.name == f"{MODEL_NAME}.mar":
+            raise RuntimeError(f"{path}: {why}")
+        if why:
+            print(f"warning: {path} skipped: {why}", file=sys.stderr)
+            continue
+        seen[path.resolve()] = path.stem
+        archives[path.stem] = data
+    return archives
 
 
 def describe(name: str, data: bytes) -> dict:
