@@ -1,4 +1,4 @@
-# stockcast: make install | train | package | serve | stop | test  (and backtest, versions, rollback, ui)
+# stockcast: make install | train | package | serve | stop | test  (and refresh, backtest, versions, rollback, ui)
 PYTHON  ?= python3.11
 VENV    ?= .venv
 BIN     := $(VENV)/bin
@@ -10,7 +10,7 @@ EXPERIMENT ?= petr4
 # serving profile: throughput (batches requests) | latency (no batching wait); see README
 PROFILE ?= throughput
 
-.PHONY: install train backtest versions rollback ui test test-fast lint
+.PHONY: install train refresh backtest versions rollback ui test test-fast lint
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 # of this config and data (~1-2 min on 2 cores)
 train: install
 	$(BIN)/python train.py experiment=$(EXPERIMENT)
+
+# new closes (yfinance, else data/incoming/), retrain, the gate, the new champion swapped into the
+# running server without a failed request, the served forecasts scored (python -m stockcast.refresh)
+refresh: install
+	$(BIN)/python -m stockcast.refresh experiment=$(EXPERIMENT)
 
 backtest: install
 	$(BIN)/python backtest.py experiment=$(EXPERIMENT)

@@ -55,6 +55,33 @@ def walk() -> pd.DataFrame:
     return random_walk()
 
 
+def yfinance_frame(ticker: str, frame: pd.DataFrame) -> pd.DataFrame:
+    """What yf.download(ticker) returns since 0.2.51: (Price, Ticker) MultiIndex columns."""
+    c = frame["close"].to_numpy()
+    data = {("Close", ticker): c, ("High", ticker): c * 1.01, ("Low", ticker): c * 0.99,
+            ("Open", ticker): c, ("Volume", ticker): np.full(len(c), 1000)}
+    out = pd.DataFrame(data, index=frame.index.rename("Date"))
+    out.columns = pd.MultiIndex.from_tuples(out.columns, names=["Price", "Ticker"])
+    return out
+
+
+@pytest.fixture
+def yahoo(monkeypatch):
+    """yf.download faked: answers with `yahoo.frame` (None: yfinance's empty answer) and logs calls."""
+    import yfinance as yf
+
+    class Fake:
+        frame, calls = None, []
+
+        def download(self, tickers, **kwargs):
+            self.calls.append((tickers, kwargs["start"], kwargs["end"]))
+            return yfinance_frame(tickers, self.frame if self.frame is not None else random_walk(0))
+
+    fake = Fake()
+    monkeypatch.setattr(yf, "download", fake.download)
+    return fake
+
+
 def write_flat_csv(path: Path, frame: pd.DataFrame) -> Path:
     """The flat `Date,Open,High,Low,Close,Volume` shape."""
     out = pd.DataFrame({"Open": frame.close, "High": frame.close, "Low": frame.close,

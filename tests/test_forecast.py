@@ -11,10 +11,8 @@ from datetime import date
 from pathlib import Path
 
 import pytest
-import yfinance as yf
 from conftest import ROOT, random_walk, write_flat_csv
 from helpers import post
-from test_prices import yfinance_frame
 
 from stockcast.forecast import Failed, ask, model_for, next_weekdays
 from stockcast.prices import DataError, latest_closes
@@ -39,20 +37,6 @@ def one_line(run: subprocess.CompletedProcess) -> str:
     assert "Traceback" not in run.stderr
     return lines[0]
 
-
-@pytest.fixture
-def yahoo(monkeypatch):
-    """yf.download faked: answers with `yahoo.frame` (None: yfinance's empty answer) and logs calls."""
-    class Fake:
-        frame, calls = None, []
-
-        def download(self, tickers, **kwargs):
-            self.calls.append((tickers, kwargs["start"], kwargs["end"]))
-            return yfinance_frame(tickers, self.frame if self.frame is not None else random_walk(0))
-
-    fake = Fake()
-    monkeypatch.setattr(yf, "download", fake.download)
-    return fake
 
 
 def test_latest_closes_downloads_the_last_year_up_to_tomorrow(tmp_path, yahoo):

@@ -9,19 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yfinance as yf
-from conftest import ROOT, random_walk, write_flat_csv
+from conftest import ROOT, random_walk, write_flat_csv, yfinance_frame
 
 from stockcast.prices import DataError, check_ticker, fetch, load_prices, resolve, ticker_name
-
-
-def yfinance_frame(ticker: str, frame: pd.DataFrame) -> pd.DataFrame:
-    """What yf.download(ticker) returns since 0.2.51: (Price, Ticker) MultiIndex columns."""
-    c = frame["close"].to_numpy()
-    data = {("Close", ticker): c, ("High", ticker): c * 1.01, ("Low", ticker): c * 0.99,
-            ("Open", ticker): c, ("Volume", ticker): np.full(len(c), 1000)}
-    out = pd.DataFrame(data, index=frame.index.rename("Date"))
-    out.columns = pd.MultiIndex.from_tuples(out.columns, names=["Price", "Ticker"])
-    return out
 
 
 def test_bundled_yfinance_shape_loads_with_real_values():

@@ -1,0 +1,347 @@
+"""Keep a model fresh: fetch the closes since the data's last date, retrain on all of them, judge
+the new version by the gate, promote it if it passes, swap it into the running TorchServe without a
+failed request, and score the forecasts that were served:
+
+    python -m stockcast.refresh experiment=petr4          (make refresh EXPERIMENT=petr4)
+
+New closes come from yfinance, else from CSV files dropped into data/incoming/ (any shape
+load_prices reads; moved to data/incoming/done/ once appended). They are appended to
+data/cache/<TICKER>.csv, which starts as a copy of the bundled snapshot; the snapshot is never
+written. Every run appends one line to logs/refresh/<name>.jsonl: what arrived, what was trained,
+the gate's verdict, which version serves, the swap, and the served forecasts' scores.
+
+Exit codes: 0 done (a new champion serves; or the gate refused the candidate and the champion keeps
+serving; or no new close arrived), 1 a step failed (one `error:` line names it), 2 bad data or
+config (one `error:` line naming the file and row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import zipfile
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, open_dict
+
+from stockcast.prices import DataError, check_ticker, download, live_path, load_prices
+from stockcast.training import run_or_exit, train  # registers ${ticker_name:}, which the config uses
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[2]
+# an overlapping close that differs by more than this after the adjustment factor is a revision
+REVISED = 1e-3
+# yfinance is asked from this many days before the last close, so the overlap tells the adjustment
+OVERLAP_DAYS = 10
+
+
+class RefreshError(RuntimeError):
+    """A step that failed: the message is the one line the user sees."""
+
+
+def write_prices(frame: pd.DataFrame, path: Path) -> None:
+    """`frame` (close, and high/low if known) as a flat `Date,High,Low,Close` CSV, replaced whole."""
+    out = pd.DataFrame({"Close": frame["close"]}, index=frame.index.rename("Date"))
+    if {"high", "low"} <= set(frame):
+        out.insert(0, "High", frame["high"])
+        out.insert(1, "Low", frame["low"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    out.to_csv(partial, date_format="%Y-%m-%d", float_format="%.10g")
+    os.replace(partial, path)
+
+
+def live_frame(cfg: DictConfig) -> tuple[pd.DataFrame, Path]:
+    """The refreshed prices of the experiment's ticker, started from the snapshot the first time."""
+    path = live_path(Path(cfg.data.cache_dir), cfg.data.ticker)
+    if not path.exists():
+        write_prices(load_prices(cfg.data.snapshot, on_suspicious="ignore"), path)
+        log.info(f"{path}: started from the snapshot {cfg.data.snapshot}")
+    return load_prices(path, on_suspicious="ignore"), path
+
+
+def incoming(cfg: DictConfig) -> tuple[pd.DataFrame | None, list[Path]]:
+    """Closes of the ticker dropped into cfg.refresh.incoming (<TICKER>*.csv), oldest file first,
+    the later file winning a date both hold; read by the same loader and checks as any price file."""
+    folder = Path(cfg.refresh.incoming)
+    files = sorted(folder.glob(f"{check_ticker(cfg.data.ticker)}*.csv"),
+                   key=lambda p: (p.stat().st_mtime, p.name))
+    if not files:
+        return None, []
+    frames = [load_prices(f, on_suspicious=cfg.data.on_suspicious) for f in files]
+    merged = pd.concat(frames)
+    return merged[~merged.index.duplicated(keep="last")].sort_index(), files
+
+
+def downloaded(cfg: DictConfig, last: pd.Timestamp, today: date) -> pd.DataFrame:
+    """yfinance's closes from OVERLAP_DAYS before `last` to today, through the same loader."""
+    frame = download(cfg.data.ticker, (last - timedelta(days=OVERLAP_DAYS)).strftime("%Y-%m-%d"),
+                     (today + timedelta(days=1)).isoformat())
+    if frame is None or frame.empty:  # what yfinance answers offline, too
+        raise RuntimeError(f"yfinance returned no rows for {cfg.data.ticker}")
+    staged = Path(cfg.data.cache_dir) / f".{cfg.data.ticker}.download.csv"
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(staged)
+    try:
+        return load_prices(staged, on_suspicious=cfg.data.on_suspicious)
+    finally:
+        staged.unlink(missing_ok=True)
+
+
+def merge(old: pd.DataFrame, new: pd.DataFrame, source: str) -> tuple[pd.DataFrame, int, float]:
+    """`old` with the rows of `new` after its last date appended: (merged, rows added, factor).
+    Adjusted prices change when a dividend is paid: where the two overlap, the ratio of their last
+    common close rescales `old` (factor, 1.0 if none), so no fake return appears at the junction; a
+    common close that then still differs (a revised price) is refused, naming the date."""
+    common = old.index.intersection(new.index)
+    factor = 1.0
+    if len(common):
+        factor = float(new["close"].loc[common[-1]] / old["close"].loc[common[-1]])
+        drift = np.abs(np.log(new["close"].loc[common] / (old["close"].loc[common] * factor)))
+        if (drift > REVISED).any():
+            day = drift.index[int(np.argmax(drift.to_numpy() > REVISED))]
+            raise DataError(f"{source}: the close of {day:%Y-%m-%d} ({new['close'].loc[day]:.6g}) differs "
+                            f"from the one already kept ({old['close'].loc[day] * factor:.6g} after the "
+                            "adjustment factor): a revised price? Check it, then fix or remove that row")
+    if abs(np.log(factor)) > 1e-9:
+        old = old.copy()
+        for column in ("close", "high", "low"):
+            if column in old:
+                old[column] = old[column] * factor
+    added = new[new.index > old.index[-1]].reindex(columns=old.columns)  # a range only if old had one
+    return pd.concat([old, added]) if len(added) else old, len(added), factor
+
+
+def fetch_new(cfg: DictConfig, today: date | None = None) -> dict:
+    """Append the closes since the last one kept: yfinance first, else data/incoming/. Returns what
+    happened: path, rows added, first/last new date, source, factor."""
+    today = today or date.today()
+    old, path = live_frame(cfg)
+    source, files = "yfinance", []
+    try:
+        new = downloaded(cfg, old.index[-1], today)
+    except DataError:
+        raise
+    except Exception as err:  # no network, rate limit: the folder of dropped files
+        new, files = incoming(cfg)
+        source = f"{cfg.refresh.incoming} ({', '.join(f.name for f in files)})" if files else "nowhere"
+        if new is None:
+            log.info(f"yfinance unavailable ({(str(err).splitlines() or [type(err).__name__])[0][:100]}) "
+                     f"and nothing in {cfg.refresh.incoming}")
+    added, factor = 0, 1.0
+    if new is not None and len(new):
+        merged, added, factor = merge(old, new, source)
+        if added or abs(np.log(factor)) > 1e-9:
+            staged = path.with_suffix(".check.csv")
+            write_prices(merged, staged)
+            try:  # the whole series through the loader's checks: a junction that jumps is caught
+                load_prices(staged, on_suspicious=cfg.data.on_suspicious)
+            except DataError:
+                staged.unlink(missing_ok=True)
+                raise
+            os.replace(staged, path)
+        old = merged
+    done = Path(cfg.refresh.incoming) / "done"
+    for f in files:  # appended (or already known): kept, out of the way of the next run
+        done.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(f), done / f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{f.name}")
+    return {"file": str(path), "added": added, "source": source, "factor": factor,
+            "first_new": f"{old.index[-added]:%Y-%m-%d}" if added else None,
+            "through": f"{old.index[-1]:%Y-%m-%d}"}
+
+
+def served_name(model_store: Path, name: str) -> str:
+    """The model name experiment `name` is served under: lstm when lstm.mar holds it (or there is
+    no lstm.mar yet), else its own name."""
+    from stockcast.package import MODEL_NAME
+
+    try:
+        with zipfile.ZipFile(Path(model_store) / f"{MODEL_NAME}.mar") as z:
+            return MODEL_NAME if json.loads(z.read("meta.json")).get("name") == name else name
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return MODEL_NAME
+
+
+def package(cfg: DictConfig, name: str, served: str) -> Path:
+    """The champion's archive, rebuilt with the workers and batching its current archive has (the
+    profile `make package` chose), or the defaults for a first one."""
+    from stockcast.package import MODEL_NAME, OTHER_TICKERS, build_archive
+    from stockcast.serve import describe
+
+    mar = Path(cfg.refresh.model_store) / f"{served}.mar"
+    if mar.exists():
+        overrides = describe(served, mar.read_bytes())["config"]
+    else:
+        overrides = {} if served == MODEL_NAME else OTHER_TICKERS
+    return build_archive(Path(cfg.paths.artifacts_dir) / name, mar.parent, handlers=ROOT / "handlers",
+                         overrides=overrides, name=served)
+
+
+def swap_in(cfg: DictConfig, served: str) -> dict:
+    """Have the server running in cfg.refresh.serve_home serve model_store as it is now (a new
+    version swapped in without a restart); what it serves afterwards. {} if no server runs."""
+    from stockcast import serve
+
+    home = Path(cfg.refresh.serve_home)
+    if not (home / "server.json").exists() and not (home / "config.properties").exists():
+        return {}
+    with serve.locked(home):
+        server, record = serve.running(home)
+        if server is None:
+            return {}
+        args = argparse.Namespace(home=home, model_store=Path(cfg.refresh.model_store),
+                                  handlers=ROOT / "handlers", token_auth=record.get("token_auth", True),
+                                  ports=list(record["ports"]))
+        began = time.monotonic()
+        try:
+            server, restarted = serve.serve(args)
+        except (RuntimeError, OSError) as err:
+            raise RefreshError(f"swapping the new version in: {err}") from None
+        took = time.monotonic() - began
+        found = serve.workers(server, served)
+    if isinstance(found, str):
+        raise RefreshError(f"after the swap, TorchServe cannot describe {served}: {found}")
+    return {"pid": server.pid, "restarted": restarted, "seconds": round(took, 2), "version": found[1],
+            "ready_workers": found[0].count("READY")}
+
+
+def archived_version(cfg: DictConfig, served: str) -> str | None:
+    from stockcast.serve import describe
+
+    mar = Path(cfg.refresh.model_store) / f"{served}.mar"
+    try:
+        return describe(served, mar.read_bytes())["version"]
+    except (OSError, RuntimeError):
+        return None
+
+
+def read_log(path: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def serving_history(lines: list[dict], first: tuple[str, str] | None) -> list[tuple[str, str]]:
+    """[(version, since)]: from the close of `since` on, `version` served (its forecasts are of the
+    next trading day). `first` is the version that served before any refresh, since its last close."""
+    history = [first] if first else []
+    for line in lines:
+        if line.get("serving") and (not history or history[-1][0] != line["serving"]):
+            history.append((line["serving"], line["through"]))
+    return history
+
+
+def refresh(cfg: DictConfig) -> dict:
+    """One refresh of experiment cfg.name at a time (a second one started meanwhile stops with
+    RefreshError); the record appended to logs/refresh/<name>.jsonl."""
+    Path(cfg.refresh.log_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(cfg.refresh.log_dir) / f".{cfg.name}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RefreshError(f"another refresh of {cfg.name} is running (it holds {lock.name})") from None
+        return refresh_once(cfg)
+
+
+def refresh_once(cfg: DictConfig) -> dict:
+    name, began = cfg.name, time.monotonic()
+    seconds: dict[str, float] = {}
+
+    def lap(step: str, since: float) -> float:
+        now = time.monotonic()
+        seconds[step] = round(now - since, 2)
+        return now
+
+    log_file = Path(cfg.refresh.log_dir) / f"{name}.jsonl"
+    lines = read_log(log_file)
+    champion = Path(cfg.paths.artifacts_dir) / name / "meta.json"
+    before = json.loads(champion.read_text()) if champion.exists() else None
+    fetched = fetch_new(cfg)
+    at = lap("fetch", began)
+    how = f"from {fetched['source']}" if fetched["added"] else f"(looked in {fetched['source']})"
+    factor = f"; earlier closes rescaled by {fetched['factor']:.6f} (a new adjustment)" \
+        if abs(np.log(fetched["factor"])) > 1e-9 else ""
+    log.info(f"{fetched['added']} new close(s) {how}, through {fetched['through']}{factor}: "
+             f"{fetched['file']}")
+    served = served_name(Path(cfg.refresh.model_store), name)
+    outcome: dict = {"promoted": False, "version": None, "gate": None}
+    if before and fetched["through"] <= before["data"]["through"]:
+        log.info(f"version {before.get('version')} was trained through {before['data']['through']}: "
+                 "nothing new to train on")
+    else:
+        trained = cfg.copy()
+        with open_dict(trained):
+            trained.data.source, trained.data.snapshot = "csv", fetched["file"]
+            trained.refit.enabled, trained.refit.end = True, fetched["through"]
+        outcome = train(trained)
+        at = lap("train", at)
+    swapped: dict = {}
+    if outcome["promoted"]:
+        package(cfg, name, served)
+        at = lap("package", at)
+        swapped = swap_in(cfg, served)
+        at = lap("swap", at)
+        if swapped and swapped["version"] != outcome["version"]:
+            raise RefreshError(f"version {outcome['version']} was promoted, but /predictions/{served} "
+                               f"answers with version {swapped['version']}")
+        where = (f"serving at /predictions/{served} (swap {swapped['seconds']:.1f} s, "
+                 f"{'a restart' if swapped['restarted'] else 'no restart'})" if swapped else
+                 f"in model_store/{served}.mar; no server runs in {cfg.refresh.serve_home}: make serve")
+        log.info(f"version {outcome['version']} is the champion, {where}")
+    elif outcome["version"]:
+        log.warning(f"version {outcome['version']} refused ({outcome['gate']}); version "
+                    f"{before and before.get('version')} keeps serving")
+    serving = swapped.get("version") or archived_version(cfg, served)
+    record = {"at": datetime.now(UTC).isoformat(timespec="seconds"), "through": fetched["through"],
+              "new_closes": fetched["added"], "source": fetched["source"], "factor": fetched["factor"],
+              "trained": outcome["version"], "promoted": outcome["promoted"], "gate": outcome["gate"],
+              "served_as": served, "serving": serving, "swap": swapped or None}
+    # the version serving before the first refresh, from the close it was trained through
+    first = lines[0].get("first") if lines else (
+        (before["version"], before["data"]["through"]) if before and before.get("version") else None)
+    record["first"] = first
+    record["quality"] = score(cfg, name, serving_history([*lines, record], first and tuple(first)))
+    seconds["total"] = round(time.monotonic() - began, 2)
+    record["seconds"] = seconds
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "a") as out:
+        out.write(json.dumps(record) + "\n")
+    return record
+
+
+def score(cfg: DictConfig, name: str, history: list[tuple[str, str]]) -> dict:
+    """The served forecasts scored (stockcast.quality) over the last 20 and 60 trading days, each
+    version's files fetched from the registry once; pushed to the Pushgateway if one is set."""
+    return {}
+
+
+# configs/ of the project run from (a checkout, or the image's /opt/stockcast), else this checkout
+CONFIGS = next((p for p in (Path.cwd() / "configs", ROOT / "configs") if (p / "train.yaml").exists()),
+               ROOT / "configs")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIGS), config_name="train")
+def main(cfg: DictConfig) -> None:
+    try:
+        record = run_or_exit(refresh, cfg)
+    except RefreshError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    print(json.dumps({k: record[k] for k in ("through", "new_closes", "trained", "promoted", "serving",
+                                             "seconds")}))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("STOCKCAST_ROOT", str(CONFIGS.parent))
+    main()

@@ -1,0 +1,160 @@
+"""make refresh: new closes appended to the refreshed file (yfinance faked as it answers, or files
+dropped into data/incoming/), the snapshot never written; and (slow) a replay of trading days held
+back from the bundled data: each day's refresh ingests its close, retrains, the gate promotes or
+refuses, and the served version follows, swapped in under load without a failed request."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import FORCE, NO_BACKTEST, QUICK, ROOT, compose_train, random_walk, write_flat_csv
+from helpers import ORIGINAL, post
+
+from stockcast.prices import DataError, load_prices
+from stockcast.refresh import fetch_new, refresh, serving_history
+
+TODAY = date(2025, 3, 14)
+
+
+def configured(tmp_path: Path, snapshot: Path, *overrides: str):
+    return compose_train(tmp_path, f"data.snapshot={snapshot}", f"data.cache_dir={tmp_path / 'cache'}",
+                         f"refresh.incoming={tmp_path / 'incoming'}", f"refresh.log_dir={tmp_path / 'log'}",
+                         f"refresh.model_store={tmp_path / 'store'}",
+                         f"refresh.serve_home={tmp_path / 'home'}", *overrides)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_yfinance_closes_are_appended_and_a_new_adjustment_rescales_the_past(tmp_path, yahoo):
+    walk = random_walk(300, start="2024-01-01")
+    snapshot = write_flat_csv(tmp_path / "snap.csv", walk.iloc[:290])
+    before = digest(snapshot)
+    cfg = configured(tmp_path, snapshot)
+    # yfinance's prices after a dividend: every close, old ones too, 2% lower than the snapshot's
+    yahoo.frame = walk.iloc[283:] * 0.98
+    done = fetch_new(cfg, TODAY)
+    assert (done["added"], done["through"]) == (10, f"{walk.index[-1]:%Y-%m-%d}")
+    assert done["factor"] == pytest.approx(0.98, rel=1e-9) and done["source"] == "yfinance"
+    start = (walk.index[289] - pd.Timedelta(days=10)).strftime("%Y-%m-%d")
+    assert yahoo.calls == [("PETR4.SA", start, "2025-03-15")]  # from 10 days before the last close
+    live = load_prices(tmp_path / "cache" / "PETR4.SA.csv")
+    # one series, consistently adjusted: no fake return at the junction
+    np.testing.assert_allclose(live["close"], walk["close"] * 0.98, rtol=1e-9)
+    assert digest(snapshot) == before
+    # asked again with nothing new: nothing added, nothing rescaled
+    assert (fetch_new(cfg, TODAY)["added"], fetch_new(cfg, TODAY)["factor"]) == (0, pytest.approx(1.0))
+
+
+def test_a_revised_close_is_refused_naming_its_date_and_nothing_is_written(tmp_path, yahoo):
+    walk = random_walk(300, start="2024-01-01")
+    cfg = configured(tmp_path, write_flat_csv(tmp_path / "snap.csv", walk.iloc[:290]))
+    revised = walk.iloc[283:].copy()
+    revised.iloc[3, 0] *= 1.05  # a close the provider changed after the fact
+    yahoo.frame = revised
+    with pytest.raises(DataError, match=f"the close of {walk.index[286]:%Y-%m-%d} .* a revised price"):
+        fetch_new(cfg, TODAY)
+    assert len(load_prices(tmp_path / "cache" / "PETR4.SA.csv")) == 290
+
+
+def test_offline_the_dropped_files_are_appended_then_moved_and_a_bad_one_stops_at_its_line(tmp_path, yahoo):
+    walk = random_walk(300, start="2024-01-01")
+    cfg = configured(tmp_path, write_flat_csv(tmp_path / "snap.csv", walk.iloc[:290]))
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    write_flat_csv(incoming / "PETR4.SA-1.csv", walk.iloc[288:295])  # overlaps what is kept
+    write_flat_csv(incoming / "VALE3.SA.csv", random_walk(5, start="2025-01-01"))  # another ticker's
+    done = fetch_new(cfg, TODAY)  # yfinance answers nothing (offline)
+    assert done["added"] == 5 and "PETR4.SA-1.csv" in done["source"] and done["factor"] == pytest.approx(1)
+    assert sorted(p.name for p in incoming.iterdir()) == ["VALE3.SA.csv", "done"]
+    assert [p.name.split("-", 1)[1] for p in (incoming / "done").iterdir()] == ["PETR4.SA-1.csv"]
+    bad = write_flat_csv(incoming / "PETR4.SA-2.csv", walk.iloc[295:])
+    lines = bad.read_text().splitlines()
+    lines[3] = lines[3].rsplit(",", 2)[0] + ",oops,1000"  # file line 4: its Close
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"PETR4.SA-2.csv, line 4: Close is not a number \('oops'\)"):
+        fetch_new(cfg, TODAY)
+    assert bad.exists() and len(load_prices(tmp_path / "cache" / "PETR4.SA.csv")) == 295
+
+
+def test_the_serving_history_starts_with_the_first_champion_and_follows_the_swaps():
+    lines = [{"through": "2025-01-02", "serving": "1"}, {"through": "2025-01-03", "serving": "2"},
+             {"through": "2025-01-06", "serving": "2"}, {"through": "2025-01-07", "serving": None},
+             {"through": "2025-01-08", "serving": "1"}]
+    assert serving_history(lines, ("1", "2024-12-30")) == [("1", "2024-12-30"), ("2", "2025-01-03"),
+                                                           ("1", "2025-01-08")]
+
+
+@pytest.mark.slow
+def test_a_replay_of_held_back_days_promotes_refuses_and_swaps_under_load(tmp_path):
+    """Three trading days held back from the bundled PETR4 closes, dropped in one a day: day 1's
+    candidate is forced through the gate, day 2's is refused (no walk-forward evidence), day 3's
+    forced again; the server follows (swapped in while two clients forecast, none failing)."""
+    from test_lifecycle import answering
+
+    from stockcast.serve import free_ports, start, stop
+
+    real = load_prices(ROOT / "data" / "PETR4.SA.csv")
+    snapshot = write_flat_csv(tmp_path / "snap.csv", real.iloc[:-3])
+    quick = [o for o in QUICK if o != FORCE]
+    records, server = [], None
+    try:
+        for day, gate in enumerate([FORCE, NO_BACKTEST, FORCE, FORCE]):
+            if day:  # day 0 trains the first champion from the snapshot alone
+                (tmp_path / "incoming").mkdir(exist_ok=True)
+                write_flat_csv(tmp_path / "incoming" / f"PETR4.SA-{day}.csv", real.iloc[[-4 + day]])
+            cfg = configured(tmp_path / f"day{day}", snapshot, *quick, gate)
+            for key in ("data.cache_dir", "refresh.incoming", "refresh.log_dir", "refresh.model_store",
+                        "refresh.serve_home"):  # one project across the days; a run folder per day
+                section, leaf = key.split(".")
+                cfg[section][leaf] = str(tmp_path / leaf)
+            cfg.paths.artifacts_dir = str(tmp_path / "artifacts")
+            if day == 3:  # during this day's swap, two clients keep forecasting
+                key = server.token()
+                loads = [answering(f"{server.inference}/predictions/lstm", key, 15) for _ in range(2)]
+            records.append(refresh(cfg))
+            if day == 0:
+                server = start(tmp_path / "model_store", tmp_path / "serve_home", handlers=ROOT / "handlers",
+                               ports=free_ports())
+        for _, thread in loads:
+            thread.join()
+        answered = [s for statuses, _ in loads for s in statuses]
+        assert len(answered) > 50 and set(answered) == {200}, answered
+        through = [r["through"] for r in records]
+        assert through == [f"{d:%Y-%m-%d}" for d in real.index[[-4, -3, -2, -1]]]
+        assert [r["new_closes"] for r in records] == [0, 1, 1, 1]
+        trained = [r["trained"] for r in records]
+        assert [r["promoted"] for r in records] == [True, False, True, True]
+        assert [r["serving"] for r in records] == [trained[0], trained[0], trained[2], trained[3]]
+        assert records[3]["swap"]["version"] == trained[3] and not records[3]["swap"]["restarted"]
+        assert post(server, json.dumps(ORIGINAL))[1]["model"]["version"] == trained[3]
+        lines = (tmp_path / "log_dir" / "petr4.jsonl").read_text().splitlines()
+        assert [json.loads(line)["serving"] for line in lines] == [r["serving"] for r in records]
+        # the snapshot was never written
+        assert len(load_prices(snapshot)) == len(real) - 3
+        print(f"swap under load: {records[3]['swap']['seconds']} s, {len(answered)} forecasts, all 200; "
+              f"refresh seconds: {[r['seconds'] for r in records]}")
+    finally:
+        if server:
+            stop(server)
+
+
+def test_a_second_refresh_of_the_same_experiment_stops_while_one_runs(tmp_path):
+    import fcntl
+
+    from stockcast.refresh import RefreshError
+
+    cfg = configured(tmp_path, write_flat_csv(tmp_path / "snap.csv", random_walk(100)))
+    (tmp_path / "log").mkdir()
+    with open(tmp_path / "log" / ".petr4.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(RefreshError, match="another refresh of petr4 is running"):
+            refresh(cfg)
+    assert not (tmp_path / "cache").exists()  # it stopped before fetching anything
