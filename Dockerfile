@@ -50,7 +50,23 @@ RUN python backtest.py experiment=petr4 data.source=csv \
 COPY handlers/ handlers/
 RUN python -m stockcast.package artifacts/petr4 model_store
 
-# ---- serving
+# ---- train: the scheduled refresh (deploy/k8s/components/refresh), not the served image:
+#   docker build --target train -t stockcast-train .
+# the training environment with the project's configs, handlers and bundled snapshot, run as a
+# non-root user; all state lives on the volume STOCKCAST_ROOT names (the CronJob's PVC)
+FROM python:3.11-slim-bookworm AS train
+RUN useradd --uid 10001 --user-group --create-home --home-dir /home/stockcast \
+    --shell /usr/sbin/nologin stockcast
+ENV PATH=/opt/train/bin:$PATH PYTHONUNBUFFERED=1
+COPY --from=build /opt/train /opt/train
+WORKDIR /opt/stockcast
+COPY --from=build /build/configs configs/
+COPY --from=build /build/data data/
+COPY --from=build /build/handlers handlers/
+COPY --from=build /build/train.py /build/backtest.py ./
+USER 10001:10001
+
+# ---- serving (the last stage: what `docker build .` builds)
 FROM python:3.11-slim-bookworm
 # tini as PID 1: the kernel drops SIGTERM sent to a PID 1 with no handler, so `torchserve
 # --foreground` there was killed after the 10 s grace period; tini -g passes it to the whole

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
+import subprocess
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
+
+import yaml
 
 from stockcast.serve import get
 
@@ -80,3 +88,83 @@ def counter(text: str, name: str, **labels: str) -> float:
 
 def url(server) -> str:
     return f"{server.inference}/predictions/lstm"
+
+
+# ---- a real Prometheus (and Pushgateway) on free ports, stopped by pid ---------------------------
+
+def binary(name: str) -> str:
+    """A Prometheus tool's path; a skip when absent on a laptop, a failure in CI (.ci/run installs it)."""
+    import os
+    import shutil
+
+    import pytest
+
+    if path := shutil.which(name):
+        return path
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{name} missing in CI: .ci/run installs Debian's prometheus and prometheus-pushgateway")
+    pytest.skip(f"{name} not installed: apt-get install prometheus prometheus-pushgateway")
+
+
+@contextlib.contextmanager
+def running(command: list[str], url: str, ready: str, timeout: float = 60):
+    """`command` in its own process group, yielding `url` once `url + ready` answers 200; SIGTERM to
+    exactly that group when the block ends, however it ends."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not _answers(url + ready):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{command[0]} did not answer on {url} (exit code {proc.poll()})")
+            time.sleep(0.2)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def _answers(target: str) -> bool:
+    try:
+        return get(target, timeout=2)[0] == 200
+    except OSError:
+        return False
+
+
+def running_prometheus(home: Path, config: dict):
+    """A Prometheus with `config` (a prometheus.yml as a dict) and its data under `home`, on a free port."""
+    from stockcast.serve import free_ports
+
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_ports(1)[0]
+    return running([binary("prometheus"), f"--config.file={home / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={home / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                   f"http://127.0.0.1:{port}", "/-/ready")
+
+
+def api(prometheus: str, path: str) -> dict | list:
+    try:
+        code, body = get(f"{prometheus}/api/v1/{path}", timeout=5)
+    except OSError:
+        return []
+    return json.loads(body)["data"] if code == 200 else []
+
+
+def query(prometheus: str, expr: str) -> list:
+    return (api(prometheus, f"query?query={urllib.parse.quote(expr)}") or {}).get("result", [])
+
+
+def wait_for(condition, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := condition():
+            return result
+        time.sleep(0.5)
+    return condition()
+
+
+def pushed(expr: str) -> bool:
+    """Does a dashboard query read what the refresh job pushes (stockcast_*), not TorchServe's metrics?"""
+    return any(name.startswith("stockcast_") for name in promql_metric_names(expr))

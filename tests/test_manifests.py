@@ -5,6 +5,8 @@ kept in the repo), the kustomizations render, and the settings agree with the im
 from __future__ import annotations
 
 import copy
+import fcntl
+import hashlib
 import json
 import os
 import re
@@ -12,7 +14,9 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import jsonschema
 import kubernetes_validate
@@ -32,8 +36,11 @@ CRD_SCHEMAS = {
 KUBERNETES = "1.32.0"  # the API version the built-in kinds are checked against (strict: no unknown fields)
 HEALTHCHECK = ["python", "/home/model-server/healthcheck.py", "--timeout", "4"]
 SCALE_OUT = K8S / "overlays" / "scale-out"
-KUSTOMIZATIONS = [K8S, K8S / "overlays" / "prometheus-operator", SCALE_OUT]
+REFRESH = K8S / "overlays" / "refresh"
+KUSTOMIZATIONS = [K8S, K8S / "overlays" / "prometheus-operator", SCALE_OUT, REFRESH]
 SCALE_OUT_KINDS = ["ConfigMap", "HorizontalPodAutoscaler"]  # what overlays/scale-out adds to the base
+# what components/refresh adds (overlays/refresh): the schedule, its volume, its right to roll the pods
+REFRESH_KINDS = ["CronJob", "PersistentVolumeClaim", "Role", "RoleBinding", "ServiceAccount"]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 RUNTIME = DOCKERFILE.rsplit("\nFROM ", 1)[1]  # the runtime stage
 
@@ -132,8 +139,8 @@ EVERY = [pytest.param(o, id=f"{p.relative_to(ROOT)}:{o['kind']}") for p, o in ob
 
 def test_every_manifest_is_checked() -> None:
     kinds = sorted(o["kind"] for _, o in objects(K8S)) + sorted(o["kind"] for _, o in objects(KSERVE))
-    assert kinds == ["Deployment", "HorizontalPodAutoscaler", "NetworkPolicy", "Service",
-                     "ServiceMonitor", "InferenceService", "InferenceService"]
+    assert kinds == sorted(["Deployment", "HorizontalPodAutoscaler", "NetworkPolicy", "Service",
+                            "ServiceMonitor", *REFRESH_KINDS]) + ["InferenceService", "InferenceService"]
 
 
 @pytest.mark.parametrize("obj", EVERY)
@@ -191,6 +198,7 @@ def test_kustomizations_render_valid_objects(folder: Path) -> None:
     expected = ["Deployment", "NetworkPolicy", "Service"]
     expected += ["ServiceMonitor"] if "prometheus" in folder.name else []
     expected += SCALE_OUT_KINDS if folder.name == "scale-out" else []
+    expected += REFRESH_KINDS if folder.name == "refresh" else []
     assert kinds == sorted(expected)
     for obj in rendered:
         assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "stockcast"
@@ -416,3 +424,249 @@ def test_the_deployments_pod_serves_read_only_in_podman(tmp_path: Path) -> None:
         assert time.monotonic() - begun < 15  # SIGTERM stopped it; it was not killed at the end of the grace
     finally:
         subprocess.run(["podman", "rm", "-f", name], capture_output=True, timeout=60)
+
+
+# ---- the scheduled refresh (issue 12): components/refresh on a cluster, deploy/systemd on one
+# machine ------------------------------------------------------------------------------------------
+
+SYSTEMD = ROOT / "deploy" / "systemd"
+REFRESH_COMMAND = ["python", "-m", "stockcast.refresh", "experiment=petr4"]
+ARCHIVE_ANNOTATION = "stockcast.io/archive-sha256"
+
+
+@pytest.fixture(scope="module")
+def refresh() -> list[dict]:
+    return render(REFRESH)
+
+
+def job_pod(rendered: list[dict]) -> dict:
+    return by_kind(rendered, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+
+
+def unit(path: Path) -> dict[str, dict[str, str]]:
+    """A systemd unit file's sections and keys (continuation lines joined, the last value wins)."""
+    sections: dict[str, dict[str, str]] = {}
+    for line in re.sub(r"\\\n\s*", " ", path.read_text()).splitlines():
+        if not line.strip() or line.lstrip()[0] in "#;":
+            continue
+        if line.startswith("["):
+            section = sections.setdefault(line.strip().strip("[]"), {})
+        else:
+            key, value = line.split("=", 1)
+            section[key.strip()] = value.strip()
+    return sections
+
+
+def test_the_refresh_runs_on_weekday_evenings_one_at_a_time(refresh) -> None:
+    cron = by_kind(refresh, "CronJob")["spec"]
+    assert cron["schedule"].split() == ["30", "18", "*", "*", "1-5"]
+    assert cron["timeZone"] == "America/Sao_Paulo"
+    assert cron["concurrencyPolicy"] == "Forbid"
+    assert 0 < cron["startingDeadlineSeconds"] < 24 * 3600  # late, never into the next day's run
+    assert cron["successfulJobsHistoryLimit"] >= 1 and cron["failedJobsHistoryLimit"] >= 1
+    job = cron["jobTemplate"]["spec"]
+    assert 0 <= job["backoffLimit"] <= 2
+    assert 10 * 60 <= job["activeDeadlineSeconds"] <= 3600  # training and a backtest fit; a hang ends
+    assert job["template"]["spec"]["restartPolicy"] == "Never"
+    # the same hour as the machine's timer
+    timer = unit(SYSTEMD / "stockcast-refresh.timer")["Timer"]
+    assert timer["OnCalendar"] == f"Mon..Fri 18:30 {cron['timeZone']}"
+
+
+def test_the_job_runs_the_refresh_in_the_training_image_on_the_volume(refresh) -> None:
+    pod = job_pod(refresh)
+    main = container(pod, "refresh", "initContainers")
+    assert main["command"][:2] == ["sh", "-ec"]
+    assert " ".join(REFRESH_COMMAND) in re.sub(r"\\\n\s*", " ", main["command"][2])
+    assert main["image"] == "stockcast-train:latest"  # the serving image has no training stack
+    env = {e["name"]: e for e in main["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in main["volumeMounts"]}
+    assert env["STOCKCAST_ROOT"]["value"] == mounts["state"]
+    (claim,) = [o for o in refresh if o["kind"] == "PersistentVolumeClaim"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["state"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert env["STOCKCAST_PUSHGATEWAY"]["valueFrom"]["configMapKeyRef"]["optional"] is True
+    # training on 2 CPUs, ~2 GB: torch's threads follow the limit, not the node's cores
+    resources = main["resources"]
+    threads = env["OMP_NUM_THREADS"]["value"]
+    assert resources["requests"]["cpu"] == resources["limits"]["cpu"] == threads == "2"
+    mib = {"Mi": 1, "Gi": 1024}
+    assert int(resources["requests"]["memory"][:-2]) * mib[resources["requests"]["memory"][-2:]] >= 2048
+    # the serving pods never run the training image
+    serving = by_kind(refresh, "Deployment")["spec"]["template"]["spec"]
+    assert {c["image"] for c in serving["containers"] + serving["initContainers"]} == {"stockcast:latest"}
+
+
+def test_the_job_runs_as_the_images_user_and_only_the_rollout_holds_a_token(refresh) -> None:
+    pod = job_pod(refresh)
+    serving = by_kind(refresh, "Deployment")["spec"]["template"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == serving["spec"]["securityContext"]["runAsUser"] == 10001
+    for each in pod["initContainers"] + pod["containers"]:
+        security = each["securityContext"]
+        assert security["allowPrivilegeEscalation"] is False and security["readOnlyRootFilesystem"] is True
+        assert security["capabilities"]["drop"] == ["ALL"] and "runAsUser" not in security
+    assert pod["automountServiceAccountToken"] is False
+    assert by_kind(refresh, "ServiceAccount")["automountServiceAccountToken"] is False
+    token = [v["name"] for v in pod["volumes"] if "serviceAccountToken" in str(v.get("projected"))]
+    holders = [c["name"] for c in pod["initContainers"] + pod["containers"]
+               if {m["name"] for m in c["volumeMounts"]} & set(token)]
+    assert holders == ["rollout"]
+    (mount,) = [m for m in container(pod, "rollout")["volumeMounts"] if m["name"] in token]
+    assert mount["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount"  # where kubectl looks
+    # the Service and the NetworkPolicy select the serving pods: not the Job's
+    labels = by_kind(refresh, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    for selector in (by_kind(refresh, "Service")["spec"]["selector"],
+                     by_kind(refresh, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"]):
+        assert not selector.items() <= labels.items()
+
+
+def test_the_role_patches_the_one_deployment_and_nothing_else(refresh) -> None:
+    deployment = by_kind(refresh, "Deployment")["metadata"]["name"]
+    role, binding = by_kind(refresh, "Role"), by_kind(refresh, "RoleBinding")
+    # get: kubectl patch reads the object first (seen against a stub API server)
+    assert role["rules"] == [{"apiGroups": ["apps"], "resources": ["deployments"],
+                              "resourceNames": [deployment], "verbs": ["get", "patch"]}]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+    account = job_pod(refresh)["serviceAccountName"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account}]
+    assert by_kind(refresh, "ServiceAccount")["metadata"]["name"] == account
+    rollout = container(job_pod(refresh), "rollout")
+    assert rollout["args"][:3] == ["patch", "deployment", deployment]
+
+
+def test_a_new_archive_rolls_the_serving_pods_and_the_same_one_does_not(refresh, tmp_path: Path) -> None:
+    """The Job's script run here (a stand-in python writes the archive), its patch applied with
+    kubectl --local to the rendered Deployment, and the serving pods' init script run on the result."""
+    pod = job_pod(refresh)
+    main, rollout = container(pod, "refresh", "initContainers"), container(pod, "rollout")
+    mounts = {m["name"]: m["mountPath"] for m in main["volumeMounts"]}
+    image, state, patch = tmp_path / "image", tmp_path / "state", tmp_path / "patch"
+    for folder in (image / "data", state / "data", patch, tmp_path / "bin"):
+        folder.mkdir(parents=True)
+    (image / "data" / "petr4.csv").write_text("the image's snapshot")
+    (image / "data" / "old.csv").write_text("the image's")
+    (state / "data" / "old.csv").write_text("newer, on the volume")
+    fake = tmp_path / "bin" / "python"
+    fake.write_text('#!/bin/sh\necho "$@" > "$STOCKCAST_ROOT/args"\n[ -z "$ARCHIVE" ] || '
+                    '{ mkdir -p "$STOCKCAST_ROOT/model_store"; printf %s "$ARCHIVE" > '
+                    '"$STOCKCAST_ROOT/model_store/lstm.mar"; }\n')
+    fake.chmod(0o755)
+    script = main["command"][2].replace(mounts["patch"], str(patch))
+    patch_file = Path(rollout["args"][-1].removeprefix("--patch-file=").replace(mounts["patch"], str(patch)))
+    deployment = by_kind(refresh, "Deployment")
+    (tmp_path / "deployment.yaml").write_text(yaml.safe_dump(deployment))
+
+    def run(archive: str | None) -> dict:
+        env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "STOCKCAST_ROOT": str(state),
+               **({"ARCHIVE": archive} if archive else {})}
+        done = subprocess.run([*main["command"][:2], script], cwd=image, env=env, capture_output=True,
+                              text=True)
+        assert done.returncode == 0, done.stderr
+        patched = subprocess.run([kubectl(), "patch", "--local", "-f", str(tmp_path / "deployment.yaml"),
+                                  *rollout["args"][3:-1], f"--patch-file={patch_file}", "-o", "json"],
+                                 capture_output=True, text=True)
+        assert patched.returncode == 0, patched.stderr
+        return json.loads(patched.stdout)["spec"]["template"]
+
+    # no archive yet (the gate refused the first run): the pod template stays as it is
+    assert run(None) == deployment["spec"]["template"]
+    assert (state / "args").read_text().split() == REFRESH_COMMAND[1:]
+    assert (state / "data" / "petr4.csv").read_text() == "the image's snapshot"
+    assert (state / "data" / "old.csv").read_text() == "newer, on the volume"
+    # a promoted archive: its digest in the template, so the Deployment rolls; the same one again
+    # (refused, nothing new) gives the same template: no rollout; another archive rolls again
+    first = run("archive 1")
+    assert first["metadata"]["annotations"][ARCHIVE_ANNOTATION] == \
+        hashlib.sha256(b"archive 1").hexdigest()
+    assert {**first["metadata"]["annotations"], ARCHIVE_ANNOTATION: None} == \
+        {**deployment["spec"]["template"]["metadata"]["annotations"], ARCHIVE_ANNOTATION: None}
+    assert run("archive 1") == first
+    assert run("archive 2") != first
+    strategy = deployment["spec"]["strategy"]
+    assert strategy["type"] == "RollingUpdate" and strategy["rollingUpdate"]["maxUnavailable"] == 0
+    # a run already holding the lock: this one fails before writing a patch (the rollout never runs)
+    (patch / "deployment.json").unlink()
+    lock = re.search(r'flock --nonblock "\$STOCKCAST_ROOT/([^"]+)"', script)[1]
+    with open(state / lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        done = subprocess.run([*main["command"][:2], script], cwd=image, capture_output=True,
+                              env={"PATH": os.environ["PATH"], "STOCKCAST_ROOT": str(state)})
+    assert done.returncode != 0 and not (patch / "deployment.json").exists()
+
+    # the serving pod: its init container "model" copies the volume's archive over the image's,
+    # after "home" seeded the working directory, and TorchServe serves that file (lstm=lstm.mar)
+    serving = deployment["spec"]["template"]["spec"]
+    assert [c["name"] for c in serving["initContainers"]] == ["home", "model"]
+    model = container(serving, "model", "initContainers")
+    model_mounts = {m["name"]: m for m in model["volumeMounts"]}
+    assert model_mounts["state"]["readOnly"] is True and model_mounts["home"]["name"] == "home"
+    volumes = {v["name"]: v for v in serving["volumes"]}
+    assert volumes["state"]["persistentVolumeClaim"] == {"claimName": "stockcast-state", "readOnly": True}
+    assert "lstm=lstm.mar" in RUNTIME
+    seed = tmp_path / "seed"
+    (seed / "model-store").mkdir(parents=True)
+    (seed / "model-store" / "lstm.mar").write_text("the image's archive")
+    copy_script = model["command"][2].replace(model_mounts["state"]["mountPath"], str(state)) \
+        .replace(model_mounts["home"]["mountPath"], str(seed))
+    assert subprocess.run([*model["command"][:2], copy_script]).returncode == 0
+    assert (seed / "model-store" / "lstm.mar").read_text() == "archive 2"
+    (state / "model_store" / "lstm.mar").unlink()  # an empty volume: the image's archive stays
+    (seed / "model-store" / "lstm.mar").write_text("the image's archive")
+    assert subprocess.run([*model["command"][:2], copy_script]).returncode == 0
+    assert (seed / "model-store" / "lstm.mar").read_text() == "the image's archive"
+
+
+def test_a_broken_cronjob_is_rejected(refresh) -> None:
+    cron = copy.deepcopy(by_kind(refresh, "CronJob"))
+    cron["spec"]["timezone"] = cron["spec"].pop("timeZone")  # typo: timeZone
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(cron, KUBERNETES, strict=True)
+
+
+def systemd_analyze() -> str:
+    if path := shutil.which("systemd-analyze"):
+        return path
+    pytest.skip("systemd-analyze not installed (apt-get install systemd): the units are untested")
+
+
+def test_the_systemd_units_verify() -> None:
+    units = [str(SYSTEMD / f"stockcast-refresh.{kind}") for kind in ("service", "timer")]
+    done = subprocess.run([systemd_analyze(), "verify", *units], capture_output=True, text=True)
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+
+
+def test_the_timer_fires_on_weekday_evenings_in_sao_paulo() -> None:
+    timer = unit(SYSTEMD / "stockcast-refresh.timer")
+    assert timer["Timer"]["Persistent"] == "true" and timer["Install"]["WantedBy"] == "timers.target"
+    assert timer["Timer"]["Unit"] == "stockcast-refresh.service"
+    done = subprocess.run([systemd_analyze(), "calendar", "--iterations=7", timer["Timer"]["OnCalendar"]],
+                          capture_output=True, text=True, env={**os.environ, "TZ": "UTC"})
+    assert done.returncode == 0, done.stderr
+    elapses = re.findall(r"(?:Next elapse|Iter\. #\d+): \w+ (\S+ \S+) UTC", done.stdout)
+    assert len(elapses) == 7, done.stdout
+    for elapse in elapses:
+        local = datetime.fromisoformat(elapse).replace(tzinfo=UTC).astimezone(ZoneInfo("America/Sao_Paulo"))
+        assert local.weekday() < 5 and (local.hour, local.minute) == (18, 30), elapse
+
+
+def test_the_service_runs_the_refresh_under_the_lock_as_a_user(tmp_path: Path) -> None:
+    service = unit(SYSTEMD / "stockcast-refresh.service")["Service"]
+    assert service["Type"] == "oneshot"
+    assert service["User"] not in ("root", "0") and service["Group"] not in ("root", "0")
+    assert service["Environment"].startswith("STOCKCAST_ROOT=/")
+    flock, *args = service["ExecStart"].split()
+    at = args.index("-m") - 1
+    options, lock, command = args[:at - 1], args[at - 1], args[at:]
+    assert command == [f"{service['WorkingDirectory']}/.venv/bin/python", *REFRESH_COMMAND[1:]]
+    assert Path(flock) == Path(shutil.which("flock") or flock) and "--nonblock" in options
+    assert lock.startswith("/run/lock/")
+    # a run beside one holding the lock exits at once with the code systemd counts as success;
+    # once the lock is free, the command runs
+    held_lock = tmp_path / "lock"
+    with open(held_lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        busy = subprocess.run([flock, *options, str(held_lock), "true"], timeout=10)
+    assert busy.returncode == int(service["SuccessExitStatus"]) != 0
+    assert subprocess.run([flock, *options, str(held_lock), "true"], timeout=10).returncode == 0

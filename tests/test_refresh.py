@@ -93,57 +93,71 @@ def test_the_serving_history_starts_with_the_first_champion_and_follows_the_swap
 
 
 @pytest.mark.slow
-def test_a_replay_of_held_back_days_promotes_refuses_and_swaps_under_load(tmp_path):
+def test_a_replay_of_held_back_days_promotes_refuses_swaps_under_load_and_pushes_scores(tmp_path):
     """Three trading days held back from the bundled PETR4 closes, dropped in one a day: day 1's
-    candidate is forced through the gate, day 2's is refused (no walk-forward evidence), day 3's
-    forced again; the server follows (swapped in while two clients forecast, none failing)."""
+    candidate is refused (no walk-forward evidence), days 2 and 3's forced through the gate; the
+    server follows (day 3's swap while two clients forecast, none failing), and each refresh pushes
+    the served forecasts' scores to a real Pushgateway."""
+    from helpers import binary, running
     from test_lifecycle import answering
 
-    from stockcast.serve import free_ports, start, stop
+    from stockcast.serve import free_ports, get, start, stop
 
     real = load_prices(ROOT / "data" / "PETR4.SA.csv")
     snapshot = write_flat_csv(tmp_path / "snap.csv", real.iloc[:-3])
     quick = [o for o in QUICK if o != FORCE]
-    records, server = [], None
-    try:
-        for day, gate in enumerate([FORCE, NO_BACKTEST, FORCE, FORCE]):
-            if day:  # day 0 trains the first champion from the snapshot alone
-                (tmp_path / "incoming").mkdir(exist_ok=True)
-                write_flat_csv(tmp_path / "incoming" / f"PETR4.SA-{day}.csv", real.iloc[[-4 + day]])
-            cfg = configured(tmp_path / f"day{day}", snapshot, *quick, gate)
-            for key in ("data.cache_dir", "refresh.incoming", "refresh.log_dir", "refresh.model_store",
-                        "refresh.serve_home"):  # one project across the days; a run folder per day
-                section, leaf = key.split(".")
-                cfg[section][leaf] = str(tmp_path / leaf)
-            cfg.paths.artifacts_dir = str(tmp_path / "artifacts")
-            if day == 3:  # during this day's swap, two clients keep forecasting
-                key = server.token()
-                loads = [answering(f"{server.inference}/predictions/lstm", key, 15) for _ in range(2)]
-            records.append(refresh(cfg))
-            if day == 0:
-                server = start(tmp_path / "model_store", tmp_path / "serve_home", handlers=ROOT / "handlers",
-                               ports=free_ports())
-        for _, thread in loads:
-            thread.join()
-        answered = [s for statuses, _ in loads for s in statuses]
-        assert len(answered) > 50 and set(answered) == {200}, answered
-        through = [r["through"] for r in records]
-        assert through == [f"{d:%Y-%m-%d}" for d in real.index[[-4, -3, -2, -1]]]
-        assert [r["new_closes"] for r in records] == [0, 1, 1, 1]
-        trained = [r["trained"] for r in records]
-        assert [r["promoted"] for r in records] == [True, False, True, True]
-        assert [r["serving"] for r in records] == [trained[0], trained[0], trained[2], trained[3]]
-        assert records[3]["swap"]["version"] == trained[3] and not records[3]["swap"]["restarted"]
-        assert post(server, json.dumps(ORIGINAL))[1]["model"]["version"] == trained[3]
-        lines = (tmp_path / "log_dir" / "petr4.jsonl").read_text().splitlines()
-        assert [json.loads(line)["serving"] for line in lines] == [r["serving"] for r in records]
-        # the snapshot was never written
-        assert len(load_prices(snapshot)) == len(real) - 3
-        print(f"swap under load: {records[3]['swap']['seconds']} s, {len(answered)} forecasts, all 200; "
-              f"refresh seconds: {[r['seconds'] for r in records]}")
-    finally:
-        if server:
-            stop(server)
+    records, server, loads = [], None, []
+    (port,) = free_ports(1)
+    # its own persistence file: Debian's build defaults to one shared /var/lib/prometheus/pushgateway.data
+    gateway_command = [binary("prometheus-pushgateway"), f"--web.listen-address=127.0.0.1:{port}",
+                       f"--persistence.file={tmp_path / 'pushgateway.data'}"]
+    with running(gateway_command, f"http://127.0.0.1:{port}", "/-/ready") as gateway:
+        try:
+            for day, gate in enumerate([FORCE, NO_BACKTEST, FORCE, FORCE]):
+                if day:  # day 0 trains the first champion from the snapshot alone
+                    (tmp_path / "incoming").mkdir(exist_ok=True)
+                    write_flat_csv(tmp_path / "incoming" / f"PETR4.SA-{day}.csv", real.iloc[[-4 + day]])
+                cfg = configured(tmp_path / f"day{day}", snapshot, *quick, gate,
+                                 f"refresh.pushgateway={gateway}")
+                for key in ("data.cache_dir", "refresh.incoming", "refresh.log_dir", "refresh.model_store",
+                            "refresh.serve_home"):  # one project across the days; a run folder per day
+                    section, leaf = key.split(".")
+                    cfg[section][leaf] = str(tmp_path / leaf)
+                cfg.paths.artifacts_dir = str(tmp_path / "artifacts")
+                if day == 3:  # during this day's swap, two clients keep forecasting
+                    loads = [answering(f"{server.inference}/predictions/lstm", server.token(), 15)
+                             for _ in range(2)]
+                records.append(refresh(cfg))
+                if day == 0:
+                    server = start(tmp_path / "model_store", tmp_path / "serve_home",
+                                   handlers=ROOT / "handlers", ports=free_ports())
+            for _, thread in loads:
+                thread.join()
+            served = post(server, json.dumps(ORIGINAL))[1]["model"]["version"]
+        finally:
+            if server:
+                stop(server)
+        pushed = get(f"{gateway}/metrics")[1]
+    answered = [s for statuses, _ in loads for s in statuses]
+    assert len(answered) > 50 and set(answered) == {200}, answered
+    assert [r["through"] for r in records] == [f"{d:%Y-%m-%d}" for d in real.index[[-4, -3, -2, -1]]]
+    assert [r["new_closes"] for r in records] == [0, 1, 1, 1]
+    trained = [r["trained"] for r in records]
+    assert [r["promoted"] for r in records] == [True, False, True, True]
+    assert [r["serving"] for r in records] == [trained[0], trained[0], trained[2], trained[3]]
+    assert records[3]["swap"]["version"] == trained[3] and not records[3]["swap"]["restarted"]
+    assert served == trained[3]
+    lines = (tmp_path / "log_dir" / "petr4.jsonl").read_text().splitlines()
+    assert [json.loads(line)["serving"] for line in lines] == [r["serving"] for r in records]
+    # scored: the forecasts made at the closes of days 0, 1 (by version 1) and 2 (its successor)
+    assert [r["quality"]["last_20"]["n"] for r in records] == [0, 1, 2, 3]
+    assert all(r["quality"]["pushed_to"] == gateway for r in records)
+    last = records[3]["through"]
+    assert (f'stockcast_served_version_info{{instance="",job="stockcast_refresh",since="{last}",'
+            f'ticker="PETR4.SA",trained_through="{last}",version="{trained[3]}"}} 1') in pushed
+    assert len(load_prices(snapshot)) == len(real) - 3  # the snapshot was never written
+    print(f"swap under load: {records[3]['swap']['seconds']} s, {len(answered)} forecasts, all 200; "
+          f"refresh seconds: {[r['seconds'] for r in records]}")
 
 
 def test_a_second_refresh_of_the_same_experiment_stops_while_one_runs(tmp_path):

@@ -11,7 +11,6 @@ instance fails its whole request); prices, moves, sizes and NaN go unchecked, no
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from stockcast import features
+from stockcast import exported
 from stockcast.package import MODEL_NAME
 from stockcast.serve import processes
 
@@ -34,19 +33,11 @@ MODEL_DIR = "STOCKCAST_PEER_MODEL"  # how uvicorn's worker processes learn the f
 
 def create_app():
     """The FastAPI app serving the folder named by $STOCKCAST_PEER_MODEL (uvicorn's factory)."""
-    import onnxruntime as ort
     from fastapi import FastAPI, Request, Response
 
-    folder = Path(os.environ[MODEL_DIR])
-    meta = json.loads((folder / "meta.json").read_text())
-    scaler = json.loads((folder / meta.get("scaler_file", "scaler.json")).read_text())
-    mean, scale = np.array(scaler["mean"], dtype=np.float64), np.array(scaler["scale"], dtype=np.float64)
-    window, horizon, levels = int(meta["window"]), int(meta["horizon"]), meta.get("levels") or []
-    pairs = features.interval_pairs(levels)
-    info = {"name": MODEL_NAME, "ticker": meta["ticker"], "version": str(meta.get("version", ""))}
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    model = exported.load(Path(os.environ[MODEL_DIR]))
+    window, horizon, pairs = model.window, int(model.meta["horizon"]), model.intervals
+    info = {"name": MODEL_NAME, "ticker": model.meta["ticker"], "version": str(model.meta.get("version", ""))}
     app = FastAPI()
 
     def last_closes(body, where: str) -> list:
@@ -56,9 +47,8 @@ def create_app():
         return history[-window:]
 
     def forecast(histories: list[list]) -> list[dict]:
-        closes = np.array(histories, dtype=np.float64)  # [B, T]; TypeError/ValueError if not numbers
-        y = session.run(None, {"x": features.to_inputs(closes, mean, scale)})[0]  # [B, H] or [B, H, Q]
-        point, quantiles = features.to_forecasts(closes[:, -1], y, mean[0], scale[0], levels)
+        # [B, T]; TypeError/ValueError if not numbers
+        point, quantiles = model.forecast(np.array(histories, dtype=np.float64))
         out = [{"prediction": p[0], "forecast": p, "window": window, "horizon": horizon, "model": info}
                for p in point.tolist()]
         for answer, q in zip(out, quantiles if quantiles is not None else [], strict=False):  # [H, Q]

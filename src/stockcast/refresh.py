@@ -39,6 +39,10 @@ from stockcast.training import run_or_exit, train  # registers ${ticker_name:}, 
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
+# the project run from (a checkout, or the training image's /opt/stockcast: configs/, handlers/),
+# else the checkout this module is in
+CONFIGS = next((p for p in (Path.cwd() / "configs", ROOT / "configs") if (p / "train.yaml").exists()),
+               ROOT / "configs")
 # an overlapping close that differs by more than this after the adjustment factor is a revision
 REVISED = 1e-3
 # yfinance is asked from this many days before the last close, so the overlap tells the adjustment
@@ -183,8 +187,8 @@ def package(cfg: DictConfig, name: str, served: str) -> Path:
         overrides = describe(served, mar.read_bytes())["config"]
     else:
         overrides = {} if served == MODEL_NAME else OTHER_TICKERS
-    return build_archive(Path(cfg.paths.artifacts_dir) / name, mar.parent, handlers=ROOT / "handlers",
-                         overrides=overrides, name=served)
+    return build_archive(Path(cfg.paths.artifacts_dir) / name, mar.parent,
+                         handlers=CONFIGS.parent / "handlers", overrides=overrides, name=served)
 
 
 def swap_in(cfg: DictConfig, served: str) -> dict:
@@ -200,8 +204,8 @@ def swap_in(cfg: DictConfig, served: str) -> dict:
         if server is None:
             return {}
         args = argparse.Namespace(home=home, model_store=Path(cfg.refresh.model_store),
-                                  handlers=ROOT / "handlers", token_auth=record.get("token_auth", True),
-                                  ports=list(record["ports"]))
+                                  handlers=CONFIGS.parent / "handlers",
+                                  token_auth=record.get("token_auth", True), ports=list(record["ports"]))
         began = time.monotonic()
         try:
             server, restarted = serve.serve(args)
@@ -320,15 +324,45 @@ def refresh_once(cfg: DictConfig) -> dict:
     return record
 
 
+def version_folder(cfg: DictConfig, name: str, version: str) -> Path:
+    """Version `version`'s exported files, fetched from the registry (checksums checked) once into
+    logs/refresh/versions/<name>/<version>."""
+    from stockcast.registry import fetch
+    from stockcast.tracking import client
+
+    dest = Path(cfg.refresh.log_dir) / "versions" / name / version
+    found = sorted(dest.rglob("meta.json"))
+    if not found:
+        staged = dest.with_name(f".{version}.partial")
+        shutil.rmtree(staged, ignore_errors=True)
+        fetch(client(cfg.paths.root), name, version, staged)
+        os.replace(staged, dest)
+        found = sorted(dest.rglob("meta.json"))
+    return found[0].parent
+
+
 def score(cfg: DictConfig, name: str, history: list[tuple[str, str]]) -> dict:
     """The served forecasts scored (stockcast.quality) over the last 20 and 60 trading days, each
-    version's files fetched from the registry once; pushed to the Pushgateway if one is set."""
-    return {}
+    version recomputing what it served; pushed to the Pushgateway if cfg.refresh.pushgateway is set
+    (a push that fails is in the record: "push_error")."""
+    from stockcast import quality
 
+    if not history:
+        return {}
+    frame = load_prices(live_path(Path(cfg.data.cache_dir), cfg.data.ticker), on_suspicious="ignore")
+    serving = [(version, since, version_folder(cfg, name, version)) for version, since in history]
+    scored = quality.score(frame, serving)
+    out: dict = {f"last_{n}": {k: None if not np.isfinite(v) else round(float(v), 6)
+                               for k, v in quality.rolling(scored, n).items()} for n in quality.WINDOWS}
+    out["volatility_ratio"] = round(quality.volatility_ratio(frame, serving[-1][2]), 4)
+    if cfg.refresh.get("pushgateway"):
+        try:
+            quality.push(cfg.refresh.pushgateway, cfg.data.ticker, quality.exposition(frame, serving, scored))
+            out["pushed_to"] = cfg.refresh.pushgateway
+        except quality.PushError as err:
+            out["push_error"] = str(err)
+    return out
 
-# configs/ of the project run from (a checkout, or the image's /opt/stockcast), else this checkout
-CONFIGS = next((p for p in (Path.cwd() / "configs", ROOT / "configs") if (p / "train.yaml").exists()),
-               ROOT / "configs")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIGS), config_name="train")
@@ -338,8 +372,19 @@ def main(cfg: DictConfig) -> None:
     except RefreshError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    quality = record["quality"]
+    for n in (20, 60):
+        q = quality.get(f"last_{n}") or {}
+        if q.get("n"):
+            covered = "" if q.get("coverage_80") is None else \
+                f"; 80% interval covered {q['coverage_80']:.0%}, 95% {q['coverage_95']:.0%}"
+            log.info(f"served, last {int(q['n'])} scored day(s): RMSE {q['rmse_ratio_persistence']:.3f}x "
+                     f"persistence's, {q['rmse_ratio_drift']:.3f}x drift's{covered}")
     print(json.dumps({k: record[k] for k in ("through", "new_closes", "trained", "promoted", "serving",
                                              "seconds")}))
+    if quality.get("push_error"):  # the model is refreshed; its monitoring is not
+        print(f"error: {quality['push_error']}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
