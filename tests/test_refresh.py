@@ -95,9 +95,10 @@ def test_the_serving_history_starts_with_the_first_champion_and_follows_the_swap
 @pytest.mark.slow
 def test_a_replay_of_held_back_days_promotes_refuses_swaps_under_load_and_pushes_scores(tmp_path):
     """Three trading days held back from the bundled PETR4 closes, dropped in one a day: day 1's
-    candidate is refused (no walk-forward evidence), days 2 and 3's forced through the gate; the
-    server follows (day 3's swap while two clients forecast, none failing), and each refresh pushes
-    the served forecasts' scores to a real Pushgateway."""
+    candidate is refused (no walk-forward evidence; run again with no new close, nothing is
+    retrained), days 2 and 3's forced through the gate; the server follows (day 3's swap while two
+    clients forecast, none failing), and each refresh pushes the served forecasts' scores to a real
+    Pushgateway."""
     from helpers import binary, running
     from test_lifecycle import answering
 
@@ -113,10 +114,12 @@ def test_a_replay_of_held_back_days_promotes_refuses_swaps_under_load_and_pushes
                        f"--persistence.file={tmp_path / 'pushgateway.data'}"]
     with running(gateway_command, f"http://127.0.0.1:{port}", "/-/ready") as gateway:
         try:
-            for day, gate in enumerate([FORCE, NO_BACKTEST, FORCE, FORCE]):
-                if day:  # day 0 trains the first champion from the snapshot alone
+            # (the held-back close dropped in, the gate): day 0 trains the first champion
+            steps = [(None, FORCE), (-3, NO_BACKTEST), (None, NO_BACKTEST), (-2, FORCE), (-1, FORCE)]
+            for day, (row, gate) in enumerate(steps):
+                if row is not None:
                     (tmp_path / "incoming").mkdir(exist_ok=True)
-                    write_flat_csv(tmp_path / "incoming" / f"PETR4.SA-{day}.csv", real.iloc[[-4 + day]])
+                    write_flat_csv(tmp_path / "incoming" / f"PETR4.SA-{day}.csv", real.iloc[[row]])
                 cfg = configured(tmp_path / f"day{day}", snapshot, *quick, gate,
                                  f"refresh.pushgateway={gateway}")
                 for key in ("data.cache_dir", "refresh.incoming", "refresh.log_dir", "refresh.model_store",
@@ -124,7 +127,7 @@ def test_a_replay_of_held_back_days_promotes_refuses_swaps_under_load_and_pushes
                     section, leaf = key.split(".")
                     cfg[section][leaf] = str(tmp_path / leaf)
                 cfg.paths.artifacts_dir = str(tmp_path / "artifacts")
-                if day == 3:  # during this day's swap, two clients keep forecasting
+                if day == len(steps) - 1:  # during this day's swap, two clients keep forecasting
                     loads = [answering(f"{server.inference}/predictions/lstm", server.token(), 15)
                              for _ in range(2)]
                 records.append(refresh(cfg))
@@ -140,23 +143,24 @@ def test_a_replay_of_held_back_days_promotes_refuses_swaps_under_load_and_pushes
         pushed = get(f"{gateway}/metrics")[1]
     answered = [s for statuses, _ in loads for s in statuses]
     assert len(answered) > 50 and set(answered) == {200}, answered
-    assert [r["through"] for r in records] == [f"{d:%Y-%m-%d}" for d in real.index[[-4, -3, -2, -1]]]
-    assert [r["new_closes"] for r in records] == [0, 1, 1, 1]
+    assert [r["through"] for r in records] == [f"{d:%Y-%m-%d}" for d in real.index[[-4, -3, -3, -2, -1]]]
+    assert [r["new_closes"] for r in records] == [0, 1, 0, 1, 1]
     trained = [r["trained"] for r in records]
-    assert [r["promoted"] for r in records] == [True, False, True, True]
-    assert [r["serving"] for r in records] == [trained[0], trained[0], trained[2], trained[3]]
-    assert records[3]["swap"]["version"] == trained[3] and not records[3]["swap"]["restarted"]
-    assert served == trained[3]
+    assert trained[2] is None  # the refused candidate's closes: nothing new to train on
+    assert [r["promoted"] for r in records] == [True, False, False, True, True]
+    assert [r["serving"] for r in records] == [trained[0], trained[0], trained[0], trained[3], trained[4]]
+    assert records[4]["swap"]["version"] == trained[4] and not records[4]["swap"]["restarted"]
+    assert served == trained[4]
     lines = (tmp_path / "log_dir" / "petr4.jsonl").read_text().splitlines()
     assert [json.loads(line)["serving"] for line in lines] == [r["serving"] for r in records]
     # scored: the forecasts made at the closes of days 0, 1 (by version 1) and 2 (its successor)
-    assert [r["quality"]["last_20"]["n"] for r in records] == [0, 1, 2, 3]
+    assert [r["quality"]["last_20"]["n"] for r in records] == [0, 1, 1, 2, 3]
     assert all(r["quality"]["pushed_to"] == gateway for r in records)
-    last = records[3]["through"]
+    last = records[4]["through"]
     assert (f'stockcast_served_version_info{{instance="",job="stockcast_refresh",since="{last}",'
-            f'ticker="PETR4.SA",trained_through="{last}",version="{trained[3]}"}} 1') in pushed
+            f'ticker="PETR4.SA",trained_through="{last}",version="{trained[4]}"}} 1') in pushed
     assert len(load_prices(snapshot)) == len(real) - 3  # the snapshot was never written
-    print(f"swap under load: {records[3]['swap']['seconds']} s, {len(answered)} forecasts, all 200; "
+    print(f"swap under load: {records[4]['swap']['seconds']} s, {len(answered)} forecasts, all 200; "
           f"refresh seconds: {[r['seconds'] for r in records]}")
 
 
@@ -172,3 +176,89 @@ def test_a_second_refresh_of_the_same_experiment_stops_while_one_runs(tmp_path):
         with pytest.raises(RefreshError, match="another refresh of petr4 is running"):
             refresh(cfg)
     assert not (tmp_path / "cache").exists()  # it stopped before fetching anything
+
+
+def test_closes_that_do_not_fit_are_refused_naming_the_source_and_date_and_nothing_is_kept(tmp_path, yahoo):
+    walk = random_walk(300, start="2024-01-01")
+    snapshot = write_flat_csv(tmp_path / "snap.csv", walk.iloc[:290])
+    cfg = configured(tmp_path, snapshot)
+    live = tmp_path / "cache" / "PETR4.SA.csv"
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+
+    def refused(match: str) -> None:
+        kept = live.read_bytes() if live.exists() else None
+        with pytest.raises(DataError, match=match):
+            fetch_new(cfg, TODAY)
+        assert kept is None or live.read_bytes() == kept
+
+    # another ticker's closes under this one's name: its overlapping close differs (no "factor")
+    other = random_walk(12, start=f"{walk.index[289]:%Y-%m-%d}", seed=7) * 1.468
+    write_flat_csv(incoming / "PETR4.SA-vale.csv", other)
+    refused(f"PETR4.SA-vale.csv.*the close of {walk.index[289]:%Y-%m-%d} .* differs from the one kept")
+    (incoming / "PETR4.SA-vale.csv").unlink()
+    # yfinance: a factor no dividend explains
+    yahoo.frame = walk.iloc[283:] * 1.468
+    refused("yfinance: its close of .* is 1.468x the one kept: not a dividend adjustment")
+    yahoo.frame = None
+    # an unadjusted 2:1 split in the new closes, whatever data.on_suspicious says (warn here)
+    split = walk.iloc[290:].copy()
+    split.iloc[2:, 0] *= 0.5
+    write_flat_csv(incoming / "PETR4.SA-split.csv", split)
+    refused(r"PETR4.SA-split.csv\): .* close x0.5\d vs the day before, and it stays \(an unadjusted split")
+    (incoming / "PETR4.SA-split.csv").unlink()
+    # closes after a gap: the ones between are missing
+    later = random_walk(3, start="2025-06-02") * (walk.close.iloc[289] / 20)
+    write_flat_csv(incoming / "PETR4.SA.csv", later)
+    refused(r"comes \d+ days after the one before it .*: closes are missing")
+    (incoming / "PETR4.SA.csv").unlink()
+    # two files that disagree on a day
+    write_flat_csv(incoming / "PETR4.SA-a.csv", walk.iloc[290:293])
+    write_flat_csv(incoming / "PETR4.SA-b.csv", walk.iloc[292:295] * 1.01)
+    refused(f"PETR4.SA-a.csv and PETR4.SA-b.csv disagree on the close of {walk.index[292]:%Y-%m-%d}")
+    assert sorted(p.name for p in incoming.iterdir()) == ["PETR4.SA-a.csv", "PETR4.SA-b.csv"]
+
+
+def test_a_missing_day_is_filled_in_and_a_damaged_refreshed_file_is_refused(tmp_path, yahoo):
+    walk = random_walk(300, start="2024-01-01")
+    cfg = configured(tmp_path, write_flat_csv(tmp_path / "snap.csv", walk.drop(walk.index[280]).iloc[:289]))
+    (tmp_path / "incoming").mkdir()
+    write_flat_csv(tmp_path / "incoming" / "PETR4.SA-late.csv", walk.iloc[[280]])  # a day the snapshot lacks
+    assert fetch_new(cfg, TODAY)["added"] == 1
+    live = tmp_path / "cache" / "PETR4.SA.csv"
+    assert len(load_prices(live)) == 290 and walk.index[280] in load_prices(live).index
+    live.write_text("\n".join(live.read_text().splitlines()[:100]) + "\n")  # cut short
+    with pytest.raises(DataError, match="PETR4.SA.csv ends .* fewer than the snapshot .*: damaged"):
+        fetch_new(cfg, TODAY)
+
+
+def test_a_record_cut_short_is_skipped_with_a_warning(tmp_path, caplog):
+    from stockcast.refresh import read_log
+
+    log = tmp_path / "petr4.jsonl"
+    log.write_text('{"through": "2025-01-02", "serving": "1"}\n{"through": "2025-01-0\n')
+    assert read_log(log) == [{"through": "2025-01-02", "serving": "1"}]
+    assert f"{log}, line 2: not a record" in caplog.text
+
+
+def test_a_version_whose_files_are_gone_leaves_its_days_unscored_not_anothers(tmp_path, artifacts,
+                                                                              monkeypatch):
+    import stockcast.refresh as refresh_module
+
+    real = load_prices(ROOT / "data" / "PETR4.SA.csv")
+    cfg = configured(tmp_path, write_flat_csv(tmp_path / "snap.csv", real))
+    (tmp_path / "cache").mkdir()
+    write_flat_csv(tmp_path / "cache" / "PETR4.SA.csv", real)
+
+    def folder(cfg, name, version):
+        if version == "2":
+            raise RuntimeError("RESOURCE_DOES_NOT_EXIST: version 2")
+        return artifacts
+
+    monkeypatch.setattr(refresh_module, "version_folder", folder)
+    days = real.index
+    out = refresh_module.score(cfg, "petr4", [("1", f"{days[-40]:%Y-%m-%d}"), ("2", f"{days[-30]:%Y-%m-%d}"),
+                                               ("3", f"{days[-10]:%Y-%m-%d}")])
+    # version 1 scores origins -40..-31, version 3 origins -10..-2; version 2's 20 days are not scored
+    assert out["last_60"]["n"] == 10 + 9
+    assert out["unscored"] == ["version 2: RESOURCE_DOES_NOT_EXIST: version 2"]

@@ -49,13 +49,15 @@ def drift_of(meta: dict, mean: np.ndarray) -> float:
 
 
 def _serving_table(serving: Serving) -> list[tuple[str, pd.Timestamp, Path]]:
-    return sorted(((str(v), pd.Timestamp(s).normalize(), Path(f)) for v, s, f in serving), key=lambda r: r[1])
+    return sorted(((str(v), pd.Timestamp(s).normalize(), f and Path(f)) for v, s, f in serving),
+                  key=lambda r: r[1])
 
 
 def score(frame: pd.DataFrame, serving: Serving, with_range: bool = False) -> pd.DataFrame:
     """One row per origin day d of `frame` (load_prices: dates, close, optional high/low) that has a
     next row, a serving version (the latest with since <= d) and that version's `window` closes up
-    to d: the first-step forecast that version served, recomputed as the handler computes it (one
+    to d (a version whose folder is None is skipped, its days with it): the first-step forecast that
+    version served, recomputed as the handler computes it (one
     ONNX run per version), the close that followed, persistence, drift and the 80%/95% bounds (NaN
     from a point model). Prices in the frame's currency. `with_range`: the requests carried each
     day's high and low (stockcast.forecast, the client, sends closes only)."""
@@ -67,6 +69,8 @@ def score(frame: pd.DataFrame, serving: Serving, with_range: bool = False) -> pd
     parts = []
     for k, (version, since, folder) in enumerate(table):
         until = table[k + 1][1] if k + 1 < len(table) else pd.Timestamp.max
+        if folder is None:  # its files are gone: its days stay unscored, not given to another version
+            continue
         model = exported.load(folder)
         w = model.window
         origins = np.flatnonzero((dates >= since) & (dates < until))

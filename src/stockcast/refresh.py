@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, open_dict
 
-from stockcast.prices import DataError, check_ticker, download, live_path, load_prices
+from stockcast.prices import DataError, check_ticker, download, live_path, load_prices, suspicious
 from stockcast.training import run_or_exit, train  # registers ${ticker_name:}, which the config uses
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,12 @@ CONFIGS = next((p for p in (Path.cwd() / "configs", ROOT / "configs") if (p / "t
 REVISED = 1e-3
 # yfinance is asked from this many days before the last close, so the overlap tells the adjustment
 OVERLAP_DAYS = 10
+# the largest |log| adjustment factor accepted between a download and what is kept: dividends
+# paid since the last refresh (PETR4's largest yearly yield in the data is below 20%)
+MAX_ADJUSTMENT = 0.2
+# calendar days between two closes beyond which closes are missing (B3's longest break, Carnival
+# or the year's end with a weekend, is 5 days)
+MAX_GAP_DAYS = 10
 
 
 class RefreshError(RuntimeError):
@@ -61,30 +67,43 @@ def write_prices(frame: pd.DataFrame, path: Path) -> None:
         out.insert(1, "Low", frame["low"])
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
-    out.to_csv(partial, date_format="%Y-%m-%d", float_format="%.10g")
+    out.to_csv(partial, date_format="%Y-%m-%d")  # full precision: a rescale loses nothing
     os.replace(partial, path)
 
 
 def live_frame(cfg: DictConfig) -> tuple[pd.DataFrame, Path]:
     """The refreshed prices of the experiment's ticker, started from the snapshot the first time."""
     path = live_path(Path(cfg.data.cache_dir), cfg.data.ticker)
+    snapshot = load_prices(cfg.data.snapshot, on_suspicious="ignore")
     if not path.exists():
-        write_prices(load_prices(cfg.data.snapshot, on_suspicious="ignore"), path)
+        write_prices(snapshot, path)
         log.info(f"{path}: started from the snapshot {cfg.data.snapshot}")
-    return load_prices(path, on_suspicious="ignore"), path
+    live = load_prices(path, on_suspicious="ignore")
+    if live.index[-1] < snapshot.index[-1] or len(live) < len(snapshot.loc[: live.index[-1]]):
+        raise DataError(f"{path} ends {live.index[-1]:%Y-%m-%d} with {len(live)} closes, fewer than the "
+                        f"snapshot {cfg.data.snapshot} holds (to {snapshot.index[-1]:%Y-%m-%d}): damaged? "
+                        "Move it away and run again to start from the snapshot")
+    return live, path
 
 
 def incoming(cfg: DictConfig) -> tuple[pd.DataFrame | None, list[Path]]:
-    """Closes of the ticker dropped into cfg.refresh.incoming (<TICKER>*.csv), oldest file first,
-    the later file winning a date both hold; read by the same loader and checks as any price file."""
-    folder = Path(cfg.refresh.incoming)
-    files = sorted(folder.glob(f"{check_ticker(cfg.data.ticker)}*.csv"),
+    """Closes of the ticker dropped into cfg.refresh.incoming (<TICKER>.csv, <TICKER>-*.csv or
+    <TICKER>_*.csv), oldest file first, read by the same loader and checks as any price file; two
+    files that disagree on a date are refused, naming both."""
+    ticker = check_ticker(cfg.data.ticker)
+    files = sorted((p for p in Path(cfg.refresh.incoming).glob(f"{ticker}*.csv")
+                    if p.stem == ticker or p.stem[len(ticker):][:1] in ("-", "_")),
                    key=lambda p: (p.stat().st_mtime, p.name))
     if not files:
         return None, []
-    frames = [load_prices(f, on_suspicious=cfg.data.on_suspicious) for f in files]
-    merged = pd.concat(frames)
-    return merged[~merged.index.duplicated(keep="last")].sort_index(), files
+    frames = {f: load_prices(f, on_suspicious=cfg.data.on_suspicious) for f in files}
+    merged = pd.concat([frame.assign(file=f.name) for f, frame in frames.items()]).sort_index(kind="stable")
+    twice = merged[merged.index.duplicated(keep=False)]
+    for day, rows in twice.groupby(level=0):
+        if np.ptp(np.log(rows["close"].to_numpy())) > REVISED:
+            raise DataError(f"{' and '.join(rows['file'])} disagree on the close of {day:%Y-%m-%d} "
+                            f"({' vs '.join(f'{c:.6g}' for c in rows['close'])}): remove the wrong one")
+    return merged[~merged.index.duplicated(keep="last")].drop(columns="file"), files
 
 
 def downloaded(cfg: DictConfig, last: pd.Timestamp, today: date) -> pd.DataFrame:
@@ -102,33 +121,55 @@ def downloaded(cfg: DictConfig, last: pd.Timestamp, today: date) -> pd.DataFrame
         staged.unlink(missing_ok=True)
 
 
-def merge(old: pd.DataFrame, new: pd.DataFrame, source: str) -> tuple[pd.DataFrame, int, float]:
-    """`old` with the rows of `new` after its last date appended: (merged, rows added, factor).
-    Adjusted prices change when a dividend is paid: where the two overlap, the ratio of their last
-    common close rescales `old` (factor, 1.0 if none), so no fake return appears at the junction; a
-    common close that then still differs (a revised price) is refused, naming the date."""
+def merge(old: pd.DataFrame, new: pd.DataFrame, source: str,
+          adjusts: bool) -> tuple[pd.DataFrame, int, float]:
+    """`old` with the dates of `new` it lacks added: (merged, rows added, factor). New closes are
+    checked before anything is kept:
+    - where the two overlap they must agree. yfinance's (`adjusts`) may all differ by one factor:
+      adjusted prices change when a dividend is paid, and that factor (within MAX_ADJUSTMENT)
+      rescales `old`, so no fake return appears at the junction. A dropped file's must match.
+    - the added closes, with the one before them, must not jump (an unadjusted split, a typo) or
+      start after a gap of more than MAX_GAP_DAYS (missing closes).
+    DataError naming the source and the date otherwise."""
     common = old.index.intersection(new.index)
     factor = 1.0
-    if len(common):
+    if len(common) and adjusts:
         factor = float(new["close"].loc[common[-1]] / old["close"].loc[common[-1]])
-        drift = np.abs(np.log(new["close"].loc[common] / (old["close"].loc[common] * factor)))
-        if (drift > REVISED).any():
-            day = drift.index[int(np.argmax(drift.to_numpy() > REVISED))]
-            raise DataError(f"{source}: the close of {day:%Y-%m-%d} ({new['close'].loc[day]:.6g}) differs "
-                            f"from the one already kept ({old['close'].loc[day] * factor:.6g} after the "
-                            "adjustment factor): a revised price? Check it, then fix or remove that row")
+        if abs(np.log(factor)) > MAX_ADJUSTMENT:
+            raise DataError(f"{source}: its close of {common[-1]:%Y-%m-%d} is {factor:.4g}x the one kept: "
+                            "not a dividend adjustment (a split? another ticker?); check the data")
+    drift = np.abs(np.log(new["close"].loc[common] / (old["close"].loc[common] * factor)))
+    if (drift > REVISED).any():
+        day = drift.index[int(np.argmax(drift.to_numpy() > REVISED))]
+        raise DataError(f"{source}: the close of {day:%Y-%m-%d} ({new['close'].loc[day]:.6g}) differs "
+                        f"from the one kept ({old['close'].loc[day] * factor:.6g}"
+                        f"{' after the adjustment factor' if factor != 1 else ''}): a revised price, or "
+                        "another ticker's? Check it, then fix or remove that row")
     if abs(np.log(factor)) > 1e-9:
         old = old.copy()
         for column in ("close", "high", "low"):
             if column in old:
                 old[column] = old[column] * factor
-    added = new[new.index > old.index[-1]].reindex(columns=old.columns)  # a range only if old had one
-    return pd.concat([old, added]) if len(added) else old, len(added), factor
+    added = new[~new.index.isin(old.index)].reindex(columns=old.columns)  # a range only if old had one
+    if not len(added):
+        return old, 0, factor
+    merged = pd.concat([old, added]).sort_index()
+    # the added closes beside their neighbours: jumps and gaps, whatever data.on_suspicious says
+    where = merged.index.get_indexer(added.index)
+    for i in where:
+        if i > 0 and (merged.index[i] - merged.index[i - 1]).days > MAX_GAP_DAYS:
+            raise DataError(f"{source}: the close of {merged.index[i]:%Y-%m-%d} comes "
+                            f"{(merged.index[i] - merged.index[i - 1]).days} days after the one before it "
+                            f"({merged.index[i - 1]:%Y-%m-%d}): closes are missing; add them too")
+    around = merged["close"].iloc[max(0, where.min() - 1): where.max() + 2]
+    if problems := suspicious(around):
+        raise DataError(f"{source}: {'; '.join(problems)}: check the data (nothing was kept)")
+    return merged, len(added), factor
 
 
 def fetch_new(cfg: DictConfig, today: date | None = None) -> dict:
-    """Append the closes since the last one kept: yfinance first, else data/incoming/. Returns what
-    happened: path, rows added, first/last new date, source, factor."""
+    """Add the closes since the last one kept: yfinance first, else data/incoming/. Returns what
+    happened: path, rows added, source, factor, the last close."""
     today = today or date.today()
     old, path = live_frame(cfg)
     source, files = "yfinance", []
@@ -144,23 +185,15 @@ def fetch_new(cfg: DictConfig, today: date | None = None) -> dict:
                      f"and nothing in {cfg.refresh.incoming}")
     added, factor = 0, 1.0
     if new is not None and len(new):
-        merged, added, factor = merge(old, new, source)
+        merged, added, factor = merge(old, new, source, adjusts=not files)
         if added or abs(np.log(factor)) > 1e-9:
-            staged = path.with_suffix(".check.csv")
-            write_prices(merged, staged)
-            try:  # the whole series through the loader's checks: a junction that jumps is caught
-                load_prices(staged, on_suspicious=cfg.data.on_suspicious)
-            except DataError:
-                staged.unlink(missing_ok=True)
-                raise
-            os.replace(staged, path)
+            write_prices(merged, path)
         old = merged
     done = Path(cfg.refresh.incoming) / "done"
-    for f in files:  # appended (or already known): kept, out of the way of the next run
+    for f in files:  # kept (or already known): moved out of the way of the next run, not deleted
         done.mkdir(parents=True, exist_ok=True)
         shutil.move(str(f), done / f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{f.name}")
     return {"file": str(path), "added": added, "source": source, "factor": factor,
-            "first_new": f"{old.index[-added]:%Y-%m-%d}" if added else None,
             "through": f"{old.index[-1]:%Y-%m-%d}"}
 
 
@@ -206,6 +239,9 @@ def swap_in(cfg: DictConfig, served: str) -> dict:
         args = argparse.Namespace(home=home, model_store=Path(cfg.refresh.model_store),
                                   handlers=CONFIGS.parent / "handlers",
                                   token_auth=record.get("token_auth", True), ports=list(record["ports"]))
+        if not args.token_auth:
+            log.warning(f"warning: the server in {home} runs without token auth, so its model API is "
+                        "closed: the new version goes in by a restart, and requests fail for a few seconds")
         began = time.monotonic()
         try:
             server, restarted = serve.serve(args)
@@ -230,10 +266,20 @@ def archived_version(cfg: DictConfig, served: str) -> str | None:
 
 
 def read_log(path: Path) -> list[dict]:
+    """The records of earlier runs; a line that is not one (a run killed while writing) is skipped
+    with a warning naming it."""
     try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        text = path.read_text()
     except FileNotFoundError:
         return []
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            if line.strip():
+                records.append(json.loads(line))
+        except ValueError:
+            log.warning(f"warning: {path}, line {number}: not a record (cut short?), skipped")
+    return records
 
 
 def serving_history(lines: list[dict], first: tuple[str, str] | None) -> list[tuple[str, str]]:
@@ -280,9 +326,11 @@ def refresh_once(cfg: DictConfig) -> dict:
              f"{fetched['file']}")
     served = served_name(Path(cfg.refresh.model_store), name)
     outcome: dict = {"promoted": False, "version": None, "gate": None}
-    if before and fetched["through"] <= before["data"]["through"]:
-        log.info(f"version {before.get('version')} was trained through {before['data']['through']}: "
-                 "nothing new to train on")
+    tried = max((line["through"] for line in lines if line.get("trained")), default="")
+    if before and fetched["through"] <= max(before["data"]["through"], tried):
+        log.info(f"version {before.get('version')} serves, trained through {before['data']['through']}"
+                 + (f"; the last candidate was trained through {tried}" if tried > before["data"]["through"]
+                    else "") + ": nothing new to train on")
     else:
         trained = cfg.copy()
         with open_dict(trained):
@@ -315,12 +363,18 @@ def refresh_once(cfg: DictConfig) -> dict:
     first = lines[0].get("first") if lines else (
         (before["version"], before["data"]["through"]) if before and before.get("version") else None)
     record["first"] = first
-    record["quality"] = score(cfg, name, serving_history([*lines, record], first and tuple(first)))
+    failed = None
+    try:
+        record["quality"] = score(cfg, name, serving_history([*lines, record], first and tuple(first)))
+    except (RefreshError, DataError, OSError, ValueError) as err:  # the refresh itself is done: kept
+        record["quality"], failed = {"error": str(err)}, err
     seconds["total"] = round(time.monotonic() - began, 2)
     record["seconds"] = seconds
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "a") as out:
         out.write(json.dumps(record) + "\n")
+    if failed:
+        raise RefreshError(f"scoring the served forecasts: {failed}")
     return record
 
 
@@ -350,11 +404,26 @@ def score(cfg: DictConfig, name: str, history: list[tuple[str, str]]) -> dict:
     if not history:
         return {}
     frame = load_prices(live_path(Path(cfg.data.cache_dir), cfg.data.ticker), on_suspicious="ignore")
-    serving = [(version, since, version_folder(cfg, name, version)) for version, since in history]
+    # the versions that served the last max(WINDOWS) origins: the one serving at the first of
+    # them, and every one since
+    first = frame.index[max(0, len(frame) - max(quality.WINDOWS) - 1)]
+    start = max([k for k, (_, since) in enumerate(history) if pd.Timestamp(since) <= first], default=0)
+    serving, missing = [], []
+    for version, since in history[start:]:
+        try:
+            folder = version_folder(cfg, name, version)
+        except Exception as err:  # noqa: BLE001 - pruned from the registry, its store unreachable
+            folder = None
+            missing.append(f"version {version}: {' '.join(str(err).split())[:200]}")
+        serving.append((version, since, folder))
+    if serving[-1][2] is None:
+        raise RefreshError(f"cannot score: the files of the serving {missing[-1]}")
     scored = quality.score(frame, serving)
     out: dict = {f"last_{n}": {k: None if not np.isfinite(v) else round(float(v), 6)
                                for k, v in quality.rolling(scored, n).items()} for n in quality.WINDOWS}
     out["volatility_ratio"] = round(quality.volatility_ratio(frame, serving[-1][2]), 4)
+    if missing:  # their days are not scored
+        out["unscored"] = missing
     if cfg.refresh.get("pushgateway"):
         try:
             quality.push(cfg.refresh.pushgateway, cfg.data.ticker, quality.exposition(frame, serving, scored))
@@ -372,10 +441,11 @@ def main(cfg: DictConfig) -> None:
     except RefreshError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    quality = record["quality"]
+    quality, shown = record["quality"], set()
     for n in (20, 60):
         q = quality.get(f"last_{n}") or {}
-        if q.get("n"):
+        if q.get("n") and q["n"] not in shown:
+            shown.add(q["n"])
             covered = "" if q.get("coverage_80") is None else \
                 f"; 80% interval covered {q['coverage_80']:.0%}, 95% {q['coverage_95']:.0%}"
             log.info(f"served, last {int(q['n'])} scored day(s): RMSE {q['rmse_ratio_persistence']:.3f}x "
