@@ -103,6 +103,8 @@ def test_the_model_is_found_by_ticker_in_any_case_and_an_unserved_one_says_how_t
         model_for("ITUB4.SA", RECORD)
     assert str(err.value) == ("ITUB4.SA is not served (serving: lstm (PETR4.SA), vale3 (VALE3.SA)); to "
                               "add it: make train EXPERIMENT=itub4 then make serve (no restart needed)")
+    with pytest.raises(Failed, match=r"petr4 is not served; did you mean PETR4.SA\? \(serving: lstm"):
+        model_for("petr4", RECORD)  # Yahoo's symbol without its exchange
     with pytest.raises(Failed, match=r"to add it: python train.py data.ticker=XPTO3.SA \(prices from"):
         model_for("XPTO3.SA", RECORD)  # no configs/experiment/xpto3.yaml: no EXPERIMENT to name
 

@@ -212,3 +212,8 @@ def test_pushed_figures_reach_prometheus_and_a_coverage_collapse_fires(artifacts
         for expr in exprs:
             values = [float(r["value"][1]) for r in query(prometheus, expr)]
             assert values and all(math.isfinite(v) for v in values), expr
+
+
+def test_a_pushgateway_url_without_its_scheme_is_one_clear_line() -> None:
+    with pytest.raises(quality.PushError, match=r"'127.0.0.1:9091' needs its scheme: http://HOST:PORT"):
+        quality.push("127.0.0.1:9091", "PETR4.SA", "")

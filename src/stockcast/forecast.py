@@ -43,6 +43,10 @@ def model_for(ticker: str, record: dict) -> tuple[str, dict]:
         if str(model.get("ticker", "")).upper() == ticker.upper():
             return name, model
     serving = ", ".join(f"{n} ({m.get('ticker', '?')})" for n, m in models.items()) or "nothing"
+    near = [m["ticker"] for m in models.values()
+            if str(m.get("ticker", "")).upper().startswith(f"{ticker.upper()}.")]
+    if near:  # PETR4 for PETR4.SA: Yahoo's symbols carry the exchange
+        raise Failed(f"{ticker} is not served; did you mean {' or '.join(near)}? (serving: {serving})")
     name = ticker_name(ticker)
     how = f"make train EXPERIMENT={name}" if (ROOT / "configs" / "experiment" / f"{name}.yaml").exists() \
         else f"python train.py data.ticker={ticker} (prices from yfinance)"

@@ -189,6 +189,8 @@ def grouping_path(job: str, ticker: str) -> str:
 def push(url: str, ticker: str, text: str, job: str = JOB, timeout: float = 10.0) -> None:
     """PUT `text` (exposition()) to the Pushgateway at `url` under job and ticker, replacing what
     that group held; PushError with one line if it cannot be reached or refuses it."""
+    if not url.startswith(("http://", "https://")):
+        raise PushError(f"the Pushgateway URL {url!r} needs its scheme: http://HOST:PORT")
     target = url.rstrip("/") + grouping_path(job, ticker)
     request = urllib.request.Request(target, data=text.encode(), method="PUT",
                                      headers={"Content-Type": "text/plain; version=0.0.4"})

@@ -163,7 +163,8 @@ def merge(old: pd.DataFrame, new: pd.DataFrame, source: str,
                             f"({merged.index[i - 1]:%Y-%m-%d}): closes are missing; add them too")
     around = merged["close"].iloc[max(0, where.min() - 1): where.max() + 2]
     if problems := suspicious(around):
-        raise DataError(f"{source}: {'; '.join(problems)}: check the data (nothing was kept)")
+        raise DataError(f"{source}: {'; '.join(problems)}: nothing was kept; fix or remove the file "
+                        "and run again")
     return merged, len(added), factor
 
 
@@ -179,7 +180,8 @@ def fetch_new(cfg: DictConfig, today: date | None = None) -> dict:
         raise
     except Exception as err:  # no network, rate limit: the folder of dropped files
         new, files = incoming(cfg)
-        source = f"{cfg.refresh.incoming} ({', '.join(f.name for f in files)})" if files else "nowhere"
+        source = f"{cfg.refresh.incoming} ({', '.join(f.name for f in files)})" if files else \
+            f"neither yfinance nor {cfg.refresh.incoming}"
         if new is None:
             log.info(f"yfinance unavailable ({(str(err).splitlines() or [type(err).__name__])[0][:100]}) "
                      f"and nothing in {cfg.refresh.incoming}")
@@ -300,7 +302,8 @@ def refresh(cfg: DictConfig) -> dict:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RefreshError(f"another refresh of {cfg.name} is running (it holds {lock.name})") from None
+            raise RefreshError(f"another refresh of {cfg.name} is running (it holds {lock.name}): let it "
+                               "finish; this one did nothing") from None
         return refresh_once(cfg)
 
 
@@ -319,7 +322,9 @@ def refresh_once(cfg: DictConfig) -> dict:
     before = json.loads(champion.read_text()) if champion.exists() else None
     fetched = fetch_new(cfg)
     at = lap("fetch", began)
-    how = f"from {fetched['source']}" if fetched["added"] else f"(looked in {fetched['source']})"
+    how = f"from {fetched['source']}" if fetched["added"] else \
+        f"(from {fetched['source']}: every close it had was kept already)" if "(" in fetched["source"] else \
+        f"({fetched['source']} had any)"
     factor = f"; earlier closes rescaled by {fetched['factor']:.6f} (a new adjustment)" \
         if abs(np.log(fetched["factor"])) > 1e-9 else ""
     log.info(f"{fetched['added']} new close(s) {how}, through {fetched['through']}{factor}: "
