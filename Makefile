@@ -10,7 +10,7 @@ EXPERIMENT ?= petr4
 # serving profile: throughput (batches requests) | latency (no batching wait); see README
 PROFILE ?= throughput
 
-.PHONY: install train refresh backtest versions rollback ui test test-fast lint
+.PHONY: install experiment-config train refresh backtest versions rollback ui test test-fast lint
 
 install: $(VENV)/.installed
 
@@ -25,15 +25,21 @@ $(VENV)/.installed: pyproject.toml Makefile
 # a run becomes the champion only if the walk-forward backtest of its config is not significantly
 # worse than persistence or drift (the gate); train.py runs that backtest first when there is none
 # of this config and data (~1-2 min on 2 cores)
-train: install
+# an EXPERIMENT with no config: one line (before anything installs), not Hydra's trace
+experiment-config:
+	@test -f configs/experiment/$(EXPERIMENT).yaml || { echo "error: no configs/experiment/$(EXPERIMENT).yaml \
+	(experiments: $$(ls configs/experiment | sed 's/\.yaml$$//' | tr '\n' ' ' | sed 's/ $$//')); another ticker: \
+	$(BIN)/python train.py data.ticker=SYMBOL, or a config of your own beside those" >&2; exit 2; }
+
+train: experiment-config install
 	$(BIN)/python train.py experiment=$(EXPERIMENT)
 
 # new closes (yfinance, else data/incoming/), retrain, the gate, the new champion swapped into the
 # running server without a failed request, the served forecasts scored (python -m stockcast.refresh)
-refresh: install
+refresh: experiment-config install
 	$(BIN)/python -m stockcast.refresh experiment=$(EXPERIMENT)
 
-backtest: install
+backtest: experiment-config install
 	$(BIN)/python backtest.py experiment=$(EXPERIMENT)
 
 # versions: python -m stockcast.registry list|promote|rollback <name>; the MLflow UI on loopback

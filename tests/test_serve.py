@@ -121,3 +121,13 @@ def test_a_file_that_cannot_be_served_is_skipped_with_a_warning_not_fatal(tmp_pa
     (store / "lstm.mar").write_text("not a zip")  # the default model itself: an error
     with pytest.raises(RuntimeError, match="lstm.mar: not an archive"):
         served_archives(store)
+
+
+def test_make_with_an_experiment_that_has_no_config_says_so_in_one_line_before_installing(tmp_path):
+    for target in ("train", "refresh", "backtest"):
+        done = subprocess.run(["make", "-s", target, "EXPERIMENT=wege3", f"VENV={tmp_path}/venv"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+        first = done.stderr.strip().splitlines()[0]
+        expected = "error: no configs/experiment/wege3.yaml (experiments: bbdc4 itub4 petr4 vale3)"
+        assert done.returncode == 2 and first.startswith(expected), done.stderr
+        assert not (tmp_path / "venv").exists()  # stopped before make install
